@@ -1,0 +1,151 @@
+"""`qfx.compile`: spec -> capture -> passes (with calibration) -> artifact."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from qfx import __version__
+from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
+from qfx.capture import ModelBundle, export, load_model, wrap_module
+from qfx.errors import ModelLoadError, OutputError
+from qfx.lowering import AtomicDir, emit_artifact
+from qfx.lowering.manifest import sha256_file
+from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
+from qfx.passes.annotate import linear_nodes
+from qfx.passes.meta import LayerQuant, module_path
+from qfx.runtime.evaluate import compare_outputs
+from qfx.rules import LinearInfo, resolve_plan
+from qfx.runner import run_pipeline
+from qfx.spec_loader import LoadedSpec, load_spec
+
+
+@dataclasses.dataclass
+class CompileResult:
+    graph: torch.fx.GraphModule  # the frozen QDQ graph; call it like the captured model
+    plan: dict[str, LayerQuant]
+    manifest: dict | None
+    artifact_dir: Path | None
+    stats: dict
+
+
+def _linears(gm: torch.fx.GraphModule, prefix: str) -> list[LinearInfo]:
+    out = []
+    for node in linear_nodes(gm):
+        path = module_path(node, prefix)
+        w = node.args[1].meta.get("val")
+        if path is None or w is None or w.ndim != 2:
+            continue
+        out.append(LinearInfo(path, int(w.shape[1]), int(w.shape[0])))
+    return out
+
+
+def _example(data: CalibrationSet) -> tuple:
+    # Two samples, so export treats the batch size as dynamic rather than specializing on 1.
+    first = tuple(t[:2] for t in data.inputs)
+    return first if first[0].shape[0] == 2 else tuple(torch.cat([t, t]) for t in first)
+
+
+def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
+    figures = compare_outputs(reference, quantized, top1=kind == "causal_lm")
+    return {"inputs": f"the first calibration batch ({samples} samples)", **figures}
+
+
+def _model_record(bundle: ModelBundle, spec, out_dir: Path) -> dict:
+    if bundle.model_dir is not None:
+        files = {p.name: sha256_file(p) for p in sorted(bundle.model_dir.iterdir())
+                 if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")}
+        # Relative to the artifact, so the manifest is the same bytes in every checkout.
+        return {"kind": bundle.kind, "name": bundle.model_dir.name, "files": files,
+                "path": os.path.relpath(bundle.model_dir, out_dir)}
+    digest = hashlib.sha256()
+    for name, t in sorted(bundle.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    record = {"kind": bundle.kind, "name": type(bundle.hf_model or bundle.module).__name__,
+              "state_sha256": digest.hexdigest()}
+    if spec.model is not None and spec.model.factory:
+        record["factory"] = spec.model.factory
+    return record
+
+
+def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None = None,
+            output_dir: str | Path | None = None, force: bool | None = None) -> CompileResult:
+    """Quantize `model` (or the spec's model) as `spec` says, and write the artifact if the
+    spec (or `output_dir`) names a directory.
+
+    spec: a path to YAML/JSON, a dict, or a `qfx.Spec`. model: an nn.Module (Hugging Face
+    models need nothing else; others need `example_inputs`), overriding spec.model.
+    """
+    loaded: LoadedSpec = load_spec(spec)
+    cfg = loaded.spec
+    items = parse_pipeline(pipeline or DEFAULT_PIPELINE)
+    out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
+    force = force if force is not None else bool(cfg.output and cfg.output.force)
+
+    # Claim the output directory first: a bad path fails in a second, not after calibration.
+    out = AtomicDir(out_path, force=force).__enter__() if out_path is not None else None
+    try:
+        if model is not None:
+            bundle = wrap_module(model if example_inputs is None else (model, example_inputs))
+        elif cfg.model is not None:
+            bundle = load_model(cfg.model)
+        else:
+            raise ModelLoadError("no model: pass one to qfx.compile or set model.path / model.factory in the spec")
+        data = calibration_set(cfg.calibration, bundle)
+        gm = export(bundle, _example(data))
+        linears = _linears(gm, bundle.root_prefix)
+        plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
+
+        check_batch = next(data.batches(cfg.calibration.batch_size))
+        reference: dict[str, torch.Tensor] = {}
+
+        def calibrate(graph):
+            stats = run_calibration(graph, data, cfg.calibration.batch_size)
+            with torch.no_grad():
+                reference["out"] = graph(*check_batch)  # observers are identities: this is float
+            return stats
+
+        ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, calibrate=calibrate)
+        gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2))
+        check = None
+        if "out" in reference:
+            with torch.no_grad():
+                check = _output_check(reference["out"], gm(*check_batch), bundle.kind, check_batch[0].shape[0])
+
+        manifest = None
+        if out is not None:
+            header = {
+                "generator": "qfx",
+                "versions": {"qfx": __version__, "torch": torch.__version__.split("+")[0]},
+                "model": _model_record(bundle, cfg, out.target),
+                "spec_sha256": hashlib.sha256(loaded.raw_text).hexdigest(),
+                "target": cfg.target.value,
+                "pipeline": format_pipeline(items),
+                "calibration": {"description": data.description, "sha256": data.sha256(),
+                                "samples": data.samples, "batch_size": cfg.calibration.batch_size},
+                "check": check,
+            }
+            if bundle.hf_model is not None:
+                import transformers
+                header["versions"]["transformers"] = transformers.__version__
+            root = bundle.module
+
+            def fp_weight(path: str):
+                return root.get_submodule(bundle.root_prefix + path).weight.detach()
+
+            manifest = emit_artifact(
+                out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
+                linear_paths=[l.path for l in linears],
+                hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
+                model_dir=bundle.model_dir, fp_weight=fp_weight, header=header)
+            out.commit()
+        return CompileResult(gm, plan, manifest, out.target if out else None, dict(ctx.stats, check=check))
+    except OSError as exc:
+        raise OutputError(f"writing the artifact failed: {exc}") from None
+    finally:
+        if out is not None:
+            out.__exit__(None, None, None)

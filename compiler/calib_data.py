@@ -1,0 +1,163 @@
+"""Calibration inputs from text, a token file, or a seeded random generator."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qfx.capture import ModelBundle
+from qfx.errors import CalibrationError
+from qfx.spec import Calibration
+
+
+@dataclasses.dataclass
+class CalibrationSet:
+    inputs: tuple[torch.Tensor, ...]  # each [samples, ...], positionally the model's inputs
+    description: str
+
+    @property
+    def samples(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def batches(self, batch_size: int):
+        for start in range(0, self.samples, batch_size):
+            yield tuple(t[start:start + batch_size] for t in self.inputs)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for t in self.inputs:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise CalibrationError(f"calibration text not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"calibration text {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise CalibrationError(f"calibration text {path} is empty",
+                               hint="give a file with text in the model's domain")
+    return text
+
+
+def _tokenizer(bundle: ModelBundle):
+    import transformers
+
+    if bundle.model_dir is None:
+        raise CalibrationError("text calibration needs the model's tokenizer, and this model has no directory",
+                               hint="use calibration.tokens (a file of token ids) or synthetic: true")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(bundle.model_dir)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot load the tokenizer of {bundle.model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def from_text(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+    path = Path(cfg.text)
+    text = _read_text(path)
+    tok = _tokenizer(bundle)
+    split = cfg.split or ("document" if bundle.kind == "causal_lm" else "lines")
+    if split == "document":
+        ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0]  # whole file, BOS once
+        need = cfg.samples * cfg.seq_len
+        if ids.numel() < need:
+            raise CalibrationError(
+                f"calibration text {path} gives {ids.numel()} tokens, fewer than samples × seq_len = "
+                f"{cfg.samples} × {cfg.seq_len} = {need}",
+                hint="lower calibration.samples or seq_len, or give a longer text")
+        inputs = (ids[:need].reshape(cfg.samples, cfg.seq_len),)
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(lines) < cfg.samples:
+            raise CalibrationError(f"calibration text {path} has {len(lines)} non-empty lines, fewer than "
+                                   f"samples = {cfg.samples}", hint="lower calibration.samples or add lines")
+        enc = tok(lines[:cfg.samples], padding="longest", truncation=True, max_length=cfg.seq_len,
+                  return_tensors="pt")
+        inputs = (enc["input_ids"], enc["attention_mask"])
+    if bundle.kind == "encoder" and len(inputs) == 1:
+        inputs = (inputs[0], torch.ones_like(inputs[0]))
+    return CalibrationSet(inputs, f"{path.name} ({split}, {cfg.samples} × {cfg.seq_len})")
+
+
+def from_tokens(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+    path = Path(cfg.tokens)
+    if not path.is_file():
+        raise CalibrationError(f"calibration token file not found: {path}")
+    if path.suffix == ".npy":
+        try:
+            ids = torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as exc:
+            raise CalibrationError(f"cannot read {path} as a .npy array of token ids: {exc}") from None
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1 and "input_ids" not in tensors:
+            raise CalibrationError(f"{path} holds {sorted(tensors)}; qfx reads its single tensor or 'input_ids'")
+        ids = tensors.get("input_ids", next(iter(tensors.values())))
+    else:
+        raise CalibrationError(f"calibration.tokens must be a .npy or .safetensors file, got {path.name}")
+    if ids.is_floating_point() or ids.numel() == 0:
+        raise CalibrationError(f"{path} must hold integer token ids (got {ids.dtype}, {tuple(ids.shape)})")
+    ids = ids.long()
+    need = cfg.samples * cfg.seq_len
+    if ids.ndim == 1:
+        if ids.numel() < need:
+            raise CalibrationError(f"{path} has {ids.numel()} tokens, fewer than samples × seq_len = {need}")
+        ids = ids[:need].reshape(cfg.samples, cfg.seq_len)
+    elif ids.ndim == 2:
+        if ids.shape[0] < cfg.samples or ids.shape[1] < cfg.seq_len:
+            raise CalibrationError(f"{path} is {tuple(ids.shape)}; samples × seq_len needs at least "
+                                   f"{cfg.samples} × {cfg.seq_len}")
+        ids = ids[:cfg.samples, :cfg.seq_len]
+    else:
+        raise CalibrationError(f"{path} must be 1-D or 2-D token ids, got shape {tuple(ids.shape)}")
+    if bundle.vocab_size and (ids.min() < 0 or ids.max() >= bundle.vocab_size):
+        raise CalibrationError(f"{path} has token ids outside [0, {bundle.vocab_size}) of this model's vocabulary")
+    inputs = (ids, torch.ones_like(ids)) if bundle.kind == "encoder" else (ids,)
+    return CalibrationSet(inputs, f"{path.name} ({cfg.samples} × {cfg.seq_len})")
+
+
+def synthetic(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if bundle.kind == "module":
+        inputs = []
+        for t in bundle.example_inputs:
+            shape = (cfg.samples, *t.shape[1:])
+            if t.is_floating_point():
+                inputs.append(torch.randn(shape, generator=gen, dtype=t.dtype))
+            else:
+                inputs.append(torch.randint(0, int(t.max()) + 1, shape, generator=gen, dtype=t.dtype))
+        return CalibrationSet(tuple(inputs), f"synthetic (seed {cfg.seed}, {cfg.samples} samples)")
+    ids = torch.randint(0, bundle.vocab_size, (cfg.samples, cfg.seq_len), generator=gen)
+    inputs = (ids, torch.ones_like(ids)) if bundle.kind == "encoder" else (ids,)
+    return CalibrationSet(inputs, f"synthetic (seed {cfg.seed}, {cfg.samples} × {cfg.seq_len})")
+
+
+def calibration_set(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+    if cfg.synthetic:
+        return synthetic(cfg, bundle)
+    if bundle.kind == "module" and cfg.text:
+        raise CalibrationError("text calibration needs a Hugging Face model (for its tokenizer)",
+                               hint="use calibration.tokens or synthetic: true for factory models")
+    return from_text(cfg, bundle) if cfg.text else from_tokens(cfg, bundle)
+
+
+def run_calibration(gm: torch.nn.Module, data: CalibrationSet, batch_size: int) -> dict:
+    """Run every batch through `gm` (observers record ranges). The phase between observe and convert."""
+    from tqdm import tqdm
+
+    n_batches = (data.samples + batch_size - 1) // batch_size
+    with torch.no_grad():
+        for batch in tqdm(data.batches(batch_size), total=n_batches, desc="calibrating", unit="batch",
+                          disable=not sys.stderr.isatty(), leave=False):
+            gm(*batch)
+    return {"batches": n_batches, "samples": data.samples}

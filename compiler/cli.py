@@ -1,0 +1,105 @@
+"""The `qfx` command: build, inspect, eval, schema. Exit codes: 0 ok, 2 bad input, 1 internal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _build(args) -> int:
+    import qfx
+
+    result = qfx.compile(spec=args.spec, pipeline=args.pipeline, output_dir=args.output,
+                         force=True if args.force else None)
+    if result.artifact_dir is None:
+        print("built (no output.dir in the spec, so nothing was written; use -o DIR)")
+        return 0
+    m = result.manifest
+    print(f"wrote {result.artifact_dir}")
+    print(f"  {len(m['layers'])} layers quantized, kept in float: {', '.join(m['excluded']) or 'none'}")
+    if m.get("check"):
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in m["check"].items() if k != "inputs")
+        print(f"  quantized vs float on {m['check']['inputs']}: {figures}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from qfx.runtime.loader import read_manifest
+
+    folder = Path(args.dir)
+    manifest = read_manifest(folder)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    else:
+        print((folder / "report.md").read_text() if (folder / "report.md").is_file() else json.dumps(manifest, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from qfx.evaluation import evaluate_artifact
+
+    figures = evaluate_artifact(Path(args.dir), Path(args.text), window=args.window, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    for key, value in figures.items():
+        print(f"{key:>24}: {value:.6g}" if isinstance(value, float) else f"{key:>24}: {value}")
+    return 0
+
+
+def _schema(args) -> int:
+    from qfx.spec import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qfx", description="Quantize PyTorch / Hugging Face models from a declarative spec.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the artifact a spec describes")
+    b.add_argument("spec", help="spec file (.yaml or .json)")
+    b.add_argument("-o", "--output", help="output directory (overrides output.dir)")
+    b.add_argument("--pipeline", help="pass pipeline, e.g. 'annotate,observe,calibrate,convert,freeze'")
+    b.add_argument("--force", action="store_true", help="replace an output directory that qfx did not write")
+    b.set_defaults(func=_build)
+    i = sub.add_parser("inspect", help="show an artifact's report (or --json manifest)")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_inspect)
+    e = sub.add_parser("eval", help="perplexity of float vs quantized, logits error and top-1 agreement")
+    e.add_argument("dir")
+    e.add_argument("--text", required=True, help="UTF-8 text, tokenized whole with the artifact's tokenizer")
+    e.add_argument("--window", type=int, default=256, help="tokens per non-overlapping window (default 256)")
+    e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_eval)
+    s = sub.add_parser("schema", help="print the spec's JSON Schema")
+    s.set_defaults(func=_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from qfx.errors import QfxError
+
+    try:
+        return args.func(args)
+    except QfxError as exc:
+        print(f"qfx: error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qfx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a qfx bug: short message, full trace only on request
+        print(f"qfx: internal error: {type(exc).__name__}: {exc}\n"
+              "  this is a bug in qfx; rerun with QFX_TRACEBACK=1 for the full trace", file=sys.stderr)
+        import os
+        if os.environ.get("QFX_TRACEBACK"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Named schemes that `quantization.preset` expands to (a default that `default` may overlay)."""
+from __future__ import annotations
+
+from qfx.spec import LayerScheme, Preset
+
+_INT8_W = {"dtype": "int8", "granularity": "per_channel"}
+_INT8_A = {"dtype": "int8", "granularity": "per_tensor", "observer": "minmax"}
+_FP8 = {"dtype": "fp8_e4m3", "granularity": "per_tensor"}
+
+
+def _w4(group: int, symmetric: bool = True) -> dict:
+    return {"weight": {"dtype": "int4" if symmetric else "uint4", "granularity": "per_group",
+                       "group_size": group, "symmetric": symmetric}}
+
+
+PRESETS: dict[Preset, dict] = {
+    Preset.w8a8_int8: {"weight": _INT8_W, "input": _INT8_A},
+    Preset.w8a8_int8_dynamic: {"weight": _INT8_W, "input": {"dtype": "int8", "granularity": "per_token"}},
+    Preset.w8a8_fp8: {"weight": _FP8, "input": {**_FP8, "observer": "minmax"}},
+    Preset.w8a16_int8: {"weight": _INT8_W},
+    Preset.w4a16_g32: _w4(32),
+    Preset.w4a16_g64: _w4(64),
+    Preset.w4a16_g128: _w4(128),
+    Preset.w4a16_g128_asym: _w4(128, symmetric=False),
+}
+
+
+def preset_scheme(preset: Preset) -> LayerScheme:
+    return LayerScheme.model_validate(PRESETS[preset])

@@ -1,0 +1,124 @@
+"""Resolve the spec's default, rules and exclude into one frozen format per linear layer."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+
+import pydantic
+
+from qfx.errors import SpecError
+from qfx.passes.meta import LayerQuant
+from qfx.presets import preset_scheme
+from qfx.runtime.formats import Granularity, LayerFormat, ObserverKind, QDType, TensorFormat
+from qfx.spec import DType, Target, TensorScheme, role_problem
+from qfx.spec_loader import SpecSource
+
+ROLES = ("weight", "input", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearInfo:
+    path: str
+    in_features: int
+    out_features: int
+
+
+def nearest_names(pattern: str, paths: list[str], n: int = 5) -> list[str]:
+    stem = pattern.strip("*?")
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    close = difflib.get_close_matches(stem, leaves, n=n, cutoff=0.5)
+    hits = [next(p for p in paths if p.rsplit(".", 1)[-1] == leaf) for leaf in close]
+    hits += [p for p in difflib.get_close_matches(pattern, paths, n=n, cutoff=0.5) if p not in hits]
+    return hits[:n] or paths[:n]
+
+
+def _unmatched(pattern: str, loc: tuple, source: SpecSource, paths: list[str]) -> SpecError:
+    near = nearest_names(pattern, paths)
+    return SpecError(f"pattern {pattern!r} matches no linear layer",
+                     where=source.where(loc),
+                     hint=f"nearest module names: {', '.join(near)}; patterns are fnmatch globs "
+                          "on the full module path, e.g. '*k_proj'")
+
+
+def _overlay(base: dict | None, patch) -> dict | None:
+    if patch is None:
+        return None
+    return {**(base or {}), **patch.model_dump(exclude_unset=True)}
+
+
+def to_format(scheme: TensorScheme, role: str, target: Target) -> TensorFormat:
+    if scheme.dtype is DType.fp8_e4m3:
+        dtype = QDType.fp8_e4m3fnuz if target is Target.gfx942 else QDType.fp8_e4m3fn
+    else:
+        dtype = QDType(scheme.dtype.value)
+    dynamic = scheme.granularity is Granularity.per_token
+    observer = None if dynamic else (scheme.observer or ObserverKind.minmax)
+    return TensorFormat(dtype=dtype, granularity=scheme.granularity, symmetric=scheme.symmetric,
+                        group_size=scheme.group_size or 0, observer=observer)
+
+
+def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource
+                 ) -> dict[str, LayerQuant]:
+    paths = [layer.path for layer in layers]
+    q_loc = ("quantization",)
+    for i, pattern in enumerate(quantization.exclude):
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            raise _unmatched(pattern, q_loc + ("exclude", i), source, paths)
+    for r, rule in enumerate(quantization.rules):
+        for i, pattern in enumerate(rule.match):
+            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+                raise _unmatched(pattern, q_loc + ("rules", r, "match", i), source, paths)
+
+    base: dict[str, dict | None] = {role: None for role in ROLES}
+    base_origin = {role: q_loc for role in ROLES}
+    if quantization.preset is not None:
+        preset = preset_scheme(quantization.preset)
+        base = {role: _overlay(None, getattr(preset, role)) for role in ROLES}
+        base_origin = {role: q_loc + ("preset",) for role in ROLES}
+    if quantization.default is not None:
+        for role in quantization.default.model_fields_set & set(ROLES):
+            base[role] = _overlay(base[role], getattr(quantization.default, role))
+            base_origin[role] = q_loc + ("default", role)
+    default_label = ["default"] if quantization.default else []
+    if quantization.preset is not None:
+        default_label.insert(0, f"preset {quantization.preset.value}")
+
+    plan: dict[str, LayerQuant] = {}
+    for layer in layers:
+        if any(fnmatch.fnmatchcase(layer.path, p) for p in quantization.exclude):
+            continue
+        fields, origin, applied = dict(base), dict(base_origin), list(default_label)
+        for r, rule in enumerate(quantization.rules):
+            hit = next((p for p in rule.match if fnmatch.fnmatchcase(layer.path, p)), None)
+            if hit is None:
+                continue
+            applied.append(f"rules[{r}] ({hit})")
+            for role in rule.model_fields_set & set(ROLES):
+                fields[role] = _overlay(fields[role], getattr(rule, role))
+                origin[role] = q_loc + ("rules", r, role)
+        formats = {}
+        for role in ROLES:
+            if fields[role] is None:
+                formats[role] = None
+                continue
+            where = source.where(origin[role])
+            try:
+                scheme = TensorScheme.model_validate(fields[role])
+            except pydantic.ValidationError as exc:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise SpecError(f"{role} of {layer.path}: {problems}", where=where) from None
+            if problem := role_problem(role, scheme):
+                raise SpecError(f"{role} of {layer.path}: {problem}", where=where)
+            if scheme.group_size and layer.in_features % scheme.group_size:
+                raise SpecError(f"group_size {scheme.group_size} does not divide in_features "
+                                f"{layer.in_features} of {layer.path}", where=where,
+                                hint="pick a group size that divides it, or exclude the layer")
+            if scheme.dtype in (DType.int4, DType.uint4) and layer.in_features % 2:
+                raise SpecError(f"{scheme.dtype.value} packs two codes per byte, but {layer.path} has an "
+                                f"odd in_features ({layer.in_features})", where=where)
+            formats[role] = to_format(scheme, role, target)
+        fmt = LayerFormat(**formats)
+        if fmt.tensors:
+            plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied))
+    return plan

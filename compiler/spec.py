@@ -1,0 +1,205 @@
+"""The spec: what to quantize and how, as frozen pydantic models (data only).
+
+Rule semantics: `exclude` always wins; `default` gives every linear layer its scheme; each
+rule whose `match` globs hit a layer overlays the fields it sets, in file order, later over
+earlier; `null` switches a tensor off. Patterns are fnmatch globs on the module path
+(`model.layers.0.self_attn.k_proj`), and a pattern that matches nothing is an error.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from qfx.runtime.formats import Granularity, ObserverKind
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class DType(str, enum.Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+    int4 = "int4"
+    uint4 = "uint4"
+    fp8_e4m3 = "fp8_e4m3"  # E4M3FNUZ on gfx942, OCP E4M3FN elsewhere
+
+
+class Target(str, enum.Enum):
+    gfx942 = "gfx942"  # MI300: FP8 is E4M3FNUZ
+    gfx950 = "gfx950"  # MI350: OCP E4M3FN
+    cpu = "cpu"
+
+
+class Preset(str, enum.Enum):
+    w8a8_int8 = "w8a8-int8"
+    w8a8_int8_dynamic = "w8a8-int8-dynamic"
+    w8a8_fp8 = "w8a8-fp8"
+    w8a16_int8 = "w8a16-int8"
+    w4a16_g32 = "w4a16-g32"
+    w4a16_g64 = "w4a16-g64"
+    w4a16_g128 = "w4a16-g128"
+    w4a16_g128_asym = "w4a16-g128-asym"
+
+
+class TensorScheme(_Model):
+    dtype: DType
+    granularity: Granularity = Granularity.per_tensor
+    group_size: int | None = Field(default=None, ge=2, description="elements per group along K (per_group)")
+    symmetric: bool = True
+    observer: ObserverKind | None = Field(
+        default=None, description="activation range estimator; default minmax (per_token takes none)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        g = self.granularity
+        if g is Granularity.per_group and self.group_size is None:
+            raise ValueError("per_group needs group_size (e.g. 32, 64, 128)")
+        if g is not Granularity.per_group and self.group_size is not None:
+            raise ValueError(f"group_size applies to per_group only, not {g.value}")
+        if g is Granularity.per_token and self.observer is not None:
+            raise ValueError("per_token is dynamic (scales computed at run time); remove `observer`")
+        if self.dtype in (DType.uint8, DType.uint4) and self.symmetric:
+            raise ValueError(f"{self.dtype.value} is unsigned, so asymmetric: set symmetric: false")
+        if self.dtype is DType.fp8_e4m3 and not self.symmetric:
+            raise ValueError("fp8_e4m3 has no zero point: it is symmetric only")
+        if self.observer in (ObserverKind.mse, ObserverKind.histogram):
+            raise ValueError(f"observer {self.observer.value} is reserved but not available yet; "
+                             "use minmax, moving_average or percentile")
+        return self
+
+
+class TensorPatch(_Model):
+    """A rule's partial tensor scheme: the fields it sets overlay the scheme it applies to."""
+
+    dtype: DType | None = None
+    granularity: Granularity | None = None
+    group_size: int | None = Field(default=None, ge=2)
+    symmetric: bool | None = None
+    observer: ObserverKind | None = None
+
+
+class LayerScheme(_Model):
+    weight: TensorScheme | None = None
+    input: TensorScheme | None = None
+    output: TensorScheme | None = None
+
+    @model_validator(mode="after")
+    def _roles(self):
+        _check_roles(self)
+        return self
+
+
+class Rule(_Model):
+    match: list[str] = Field(min_length=1, description="fnmatch globs on module paths")
+    weight: TensorPatch | None = None
+    input: TensorPatch | None = None
+    output: TensorPatch | None = None
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class Quantization(_Model):
+    preset: Preset | None = None
+    default: LayerScheme | None = None
+    rules: list[Rule] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _has_scheme(self):
+        if self.preset is None and self.default is None and not self.rules:
+            raise ValueError("give a `preset`, a `default` scheme, or `rules`")
+        return self
+
+
+class ModelSource(_Model):
+    path: str | None = Field(default=None, description="a local Hugging Face model directory")
+    factory: str | None = Field(default=None, description="'package.module:function' returning a model "
+                                "or (model, example_inputs)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("give exactly one of `path` or `factory`")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError("factory must look like 'package.module:function'")
+        return self
+
+
+class Calibration(_Model):
+    text: str | None = Field(default=None, description="a UTF-8 text file, tokenized with the model's tokenizer")
+    tokens: str | None = Field(default=None, description="a .safetensors or .npy file of token ids")
+    synthetic: bool = Field(default=False, description="random token ids (no data; for smoke tests)")
+    samples: int = Field(default=16, ge=1)
+    seq_len: int = Field(default=128, ge=2)
+    batch_size: int = Field(default=8, ge=1)
+    split: Literal["document", "lines"] | None = Field(
+        default=None, description="document: the text as one token stream cut into samples (causal LMs); "
+        "lines: one sample per non-empty line, padded (encoders). Default by model kind.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("text", "tokens") if getattr(self, k) is not None] + (["synthetic"] if self.synthetic else [])
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, tokens or synthetic: true (got {given or 'none'})")
+        return self
+
+
+class OutputFormat(str, enum.Enum):
+    safetensors = "safetensors"
+
+
+class Output(_Model):
+    dir: str
+    formats: list[OutputFormat] = Field(default_factory=lambda: [OutputFormat.safetensors])
+    force: bool = Field(default=False, description="replace an existing directory that qfx did not write")
+
+
+class Spec(_Model):
+    version: Literal[1]
+    model: ModelSource | None = Field(default=None, description="required unless qfx.compile is given a model")
+    target: Target = Target.cpu
+    calibration: Calibration = Field(default_factory=lambda: Calibration(synthetic=True))
+    quantization: Quantization
+    output: Output | None = None
+
+
+def spec_json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()
+
+
+def role_problem(role: str, scheme: TensorScheme) -> str | None:
+    """Why `scheme` cannot quantize a layer's `role` tensor (weight, input, output), or None."""
+    g = scheme.granularity
+    if role == "weight":
+        if g is Granularity.per_token:
+            return "per_token is for activations; weights take per_tensor, per_channel or per_group"
+        if scheme.observer is not None and scheme.observer is not ObserverKind.minmax:
+            return "weights take their range from the tensor itself: remove `observer` (or use minmax)"
+        return None
+    if scheme.dtype in (DType.int4, DType.uint4):
+        return f"{scheme.dtype.value} activations are not supported; use int8 or fp8_e4m3, or null for weight-only"
+    if g in (Granularity.per_channel, Granularity.per_group):
+        return f"{g.value} activations are not supported; use per_tensor (static) or per_token (dynamic)"
+    if role == "output" and g is not Granularity.per_tensor:
+        return "output (KV cache) quantization is static: use per_tensor"
+    return None
+
+
+def _check_roles(scheme: LayerScheme) -> None:
+    for role in ("weight", "input", "output"):
+        value = getattr(scheme, role)
+        if value is not None and (problem := role_problem(role, value)):
+            raise ValueError(f"{role}: {problem}")
+

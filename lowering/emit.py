@@ -1,0 +1,51 @@
+"""Write the artifact: model.safetensors (Quark layout), config.json, tokenizer files,
+manifest.json and report.md, into a directory that is published only when all are written."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from qfx.lowering.manifest import layer_record, render_report, sha256_file, write_json
+from qfx.lowering.quark import artifact_tensors, quantization_config
+from qfx.passes.meta import LayerQuant
+
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
+
+
+def layer_buffers(gm: torch.nn.Module, root_prefix: str, path: str) -> dict[str, torch.Tensor]:
+    module = gm.get_submodule(root_prefix + path)
+    return {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
+
+
+def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
+                  linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
+                  fp_weight: Callable[[str], torch.Tensor | None], header: dict) -> dict:
+    tensors, aliases = artifact_tensors(gm, plan, root_prefix)
+    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt", "producer": "qfx"})
+    del tensors
+    files = [MODEL_FILE]
+    if hf_config is not None:
+        config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.append("config.json")
+    if model_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, folder / name)
+                files.append(name)
+    manifest = dict(header)
+    manifest["layers"] = {path: layer_record(quant, layer_buffers(gm, root_prefix, path), fp_weight(path))
+                          for path, quant in plan.items()}
+    manifest["excluded"] = [p for p in linear_paths if p not in plan]
+    manifest["tied"] = aliases
+    manifest["artifact"] = {name: sha256_file(folder / name) for name in sorted(files)}
+    write_json(folder / "manifest.json", manifest)
+    (folder / "report.md").write_text(render_report(manifest))
+    return manifest

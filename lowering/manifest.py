@@ -1,0 +1,75 @@
+"""manifest.json (what was built, from what, and how well) and report.md (the same, for people).
+
+No timestamps or absolute paths, so two builds of one spec give the same bytes."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from qfx.passes.meta import LayerQuant
+from qfx.runtime import numerics
+from qfx.runtime.formats import LayerFormat
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _range(t: torch.Tensor) -> list[float]:
+    return [float(t.min()), float(t.max())]
+
+
+def layer_record(quant: LayerQuant, buffers: dict[str, torch.Tensor], fp_weight: torch.Tensor | None) -> dict:
+    """Per layer: rules applied, formats, scale ranges and the weight's SQNR against float."""
+    fmt = quant.fmt
+    record = {"rules": list(quant.rules), "format": fmt.to_json()}
+    for role in ("weight", "input", "output"):
+        if f"{role}_scale" in buffers:
+            record[f"{role}_scale_range"] = _range(buffers[f"{role}_scale"])
+    if fmt.weight is not None and fp_weight is not None:
+        w = fmt.weight
+        dq = numerics.dequantize(buffers["weight"], buffers["weight_scale"], buffers.get("weight_zero_point"),
+                                 w.dtype, numerics.weight_axis(w), w.group_size)
+        record["weight_sqnr_db"] = round(numerics.sqnr_db(fp_weight, dq), 3)
+    return record
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def _fmt_cell(fmt) -> str:
+    return "—" if fmt is None else fmt.describe()
+
+
+def render_report(manifest: dict) -> str:
+    lines = [f"# qfx build report: {manifest['model']['name']}", ""]
+    lines += [f"- target: `{manifest['target']}`",
+              f"- pipeline: `{manifest['pipeline']}`",
+              f"- calibration: {manifest['calibration']['description']}",
+              f"- quantized layers: {len(manifest['layers'])}; kept in float: "
+              f"{', '.join(manifest['excluded']) or 'none'}", ""]
+    check = manifest.get("check")
+    if check:
+        lines += ["## Accuracy (quantized vs float, on " + check["inputs"] + ")", "",
+                  "| figure | value |", "|---|---|"]
+        for key, value in check.items():
+            if key != "inputs":
+                lines.append(f"| {key} | {value:.6g} |")
+        lines.append("")
+    lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
+              "|---|---|---|---|---|---|---|"]
+    for path, rec in manifest["layers"].items():
+        fmt = LayerFormat.from_json(rec["format"])
+        scale = rec.get("weight_scale_range")
+        lines.append(f"| `{path}` | {'; '.join(rec['rules'])} | {_fmt_cell(fmt.weight)} | {_fmt_cell(fmt.input)} | "
+                     f"{_fmt_cell(fmt.output)} | {rec.get('weight_sqnr_db', '—')} | "
+                     f"{'—' if scale is None else f'{scale[0]:.3g} … {scale[1]:.3g}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""What a pass is, and what it is handed."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch.fx
+
+from qfx.passes.meta import LayerQuant
+
+
+@dataclasses.dataclass
+class PassContext:
+    """State shared by the passes of one build.
+
+    plan: module path -> LayerQuant, resolved from the spec before the graph is touched.
+    root_prefix: the module-path prefix of the captured wrapper (e.g. "hf.").
+    calibrate: runs the calibration data through a graph (the phase between observe and convert).
+    facts: what the passes so far have established (checked against `requires`).
+    """
+
+    plan: dict[str, LayerQuant]
+    root_prefix: str = ""
+    calibrate: Callable[[torch.fx.GraphModule], dict] | None = None
+    facts: set[str] = dataclasses.field(default_factory=set)
+    stats: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    gm: torch.fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """A graph-to-graph transform. Options are the dataclass fields of a subclass."""
+
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
+    produces: ClassVar[frozenset[str]] = frozenset()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,58 @@
+"""The only module that reads or writes qfx's graph meta.
+
+Keys are namespaced and values are frozen dataclasses, so a pass cannot half-update them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx
+
+from qfx.runtime.formats import LayerFormat
+
+QUANT_KEY = "qfx.quant"
+ROLE_KEY = "qfx.role"
+
+# Meta that every node a pass creates copies from the node it stands beside.
+INHERITED_KEYS = ("nn_module_stack", "stack_trace")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+    """Set by `annotate` on a linear node: its module, resolved formats and the rules behind them."""
+
+    module: str
+    fmt: LayerFormat
+    rules: tuple[str, ...]
+
+
+def get_quant(node: torch.fx.Node) -> LayerQuant | None:
+    return node.meta.get(QUANT_KEY)
+
+
+def set_quant(node: torch.fx.Node, value: LayerQuant) -> None:
+    node.meta[QUANT_KEY] = value
+
+
+def get_role(node: torch.fx.Node) -> str | None:
+    return node.meta.get(ROLE_KEY)
+
+
+def copy_meta(new: torch.fx.Node, source: torch.fx.Node, role: str, val=None) -> None:
+    for key in INHERITED_KEYS:
+        if key in source.meta:
+            new.meta[key] = source.meta[key]
+    new.meta[ROLE_KEY] = role
+    if val is not None:
+        new.meta["val"] = val
+
+
+def module_path(node: torch.fx.Node, root_prefix: str = "") -> str | None:
+    """The dotted path of the innermost module that issued `node`, relative to the model."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    if root_prefix and path.startswith(root_prefix):
+        path = path[len(root_prefix):]
+    return path

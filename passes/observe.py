@@ -1,0 +1,59 @@
+"""observe: put an observer on every static activation the annotations quantize.
+
+Inputs get one in front of the linear, outputs (the KV cache on k/v_proj) one after it.
+Dynamic (per-token) activations need none.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from qfx.passes.annotate import linear_nodes
+from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.meta import copy_meta, get_quant
+from qfx.passes.observers import make_observer
+
+OBSERVER_PREFIX = "qfx_observer_"
+
+
+def observer_name(node) -> str:
+    return node.target if node.op == "call_module" and node.target.startswith(OBSERVER_PREFIX) else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Observe(Pass):
+    name = "observe"
+    requires = frozenset({"annotated"})
+    produces = frozenset({"observed"})
+    percentile: float = 99.99  # for `percentile` observers: the upper percentile of each batch
+    averaging_constant: float = 0.1  # for `moving_average` observers
+
+    def _observer(self, fmt, where):
+        return make_observer(fmt, where, percentile=self.percentile,
+                             averaging_constant=self.averaging_constant)
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        count = 0
+        graph = gm.graph
+        for node in linear_nodes(gm):
+            quant = get_quant(node)
+            if quant is None:
+                continue
+            fmt = quant.fmt
+            if fmt.input is not None and not fmt.input.dynamic:
+                target = f"{OBSERVER_PREFIX}{count}"
+                gm.add_submodule(target, self._observer(fmt.input, f"{quant.module} (input)"))
+                with graph.inserting_before(node):
+                    obs = graph.call_module(target, (node.args[0],))
+                copy_meta(obs, node, "observer", node.args[0].meta.get("val"))
+                node.replace_input_with(node.args[0], obs)
+                count += 1
+            if fmt.output is not None and not fmt.output.dynamic:
+                target = f"{OBSERVER_PREFIX}{count}"
+                gm.add_submodule(target, self._observer(fmt.output, f"{quant.module} (output)"))
+                with graph.inserting_after(node):
+                    obs = graph.call_module(target, (node,))
+                copy_meta(obs, node, "observer", node.meta.get("val"))
+                node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
+                count += 1
+        gm.recompile()
+        return PassResult(gm, modified=count > 0, stats={"observers": count})

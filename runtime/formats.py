@@ -1,0 +1,124 @@
+"""Concrete quantization formats: what one tensor's quantization is, with nothing left open.
+
+The spec speaks in user words (`fp8_e4m3`, `per_channel`); the compiler resolves them into
+these frozen values (the FP8 variant fixed by the target), and they travel unchanged through
+graph meta, the artifact manifest and the runtime loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+
+class QDType(str, enum.Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+    int4 = "int4"
+    uint4 = "uint4"
+    fp8_e4m3fn = "fp8_e4m3fn"  # OCP E4M3 (gfx950, NVIDIA): max 448
+    # MI300 (gfx942). Its own max is 240, but qfx caps it at 224 (= 448 / 2) so that every
+    # code has an exact OCP E4M3FN twin: safetensors stores FN (what Quark and vLLM load,
+    # vLLM converting back on MI300 by doubling the scale), and both must compute the same.
+    fp8_e4m3fnuz = "fp8_e4m3fnuz"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (QDType.fp8_e4m3fn, QDType.fp8_e4m3fnuz)
+
+    @property
+    def is_signed(self) -> bool:
+        return self not in (QDType.uint8, QDType.uint4)
+
+    @property
+    def bits(self) -> int:
+        return 4 if self in (QDType.int4, QDType.uint4) else 8
+
+    @property
+    def qmin(self) -> float:
+        return {"int8": -128, "uint8": 0, "int4": -8, "uint4": 0}.get(self.value, -self.qmax)
+
+    @property
+    def qmax(self) -> float:
+        return {"int8": 127, "uint8": 255, "int4": 7, "uint4": 15,
+                "fp8_e4m3fn": 448.0, "fp8_e4m3fnuz": 224.0}[self.value]
+
+    @property
+    def storage(self) -> torch.dtype:
+        """The torch dtype that holds one code in a graph (int4 codes sit unpacked in int8)."""
+        return {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8,
+                "uint4": torch.uint8, "fp8_e4m3fn": torch.float8_e4m3fn,
+                "fp8_e4m3fnuz": torch.float8_e4m3fnuz}[self.value]
+
+
+class Granularity(str, enum.Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"  # weights: one scale per output row
+    per_group = "per_group"  # weights: groups of `group_size` along the input (K) axis
+    per_token = "per_token"  # activations: dynamic, one scale per row, no observer
+
+
+class ObserverKind(str, enum.Enum):
+    minmax = "minmax"
+    moving_average = "moving_average"
+    percentile = "percentile"
+    mse = "mse"
+    histogram = "histogram"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorFormat:
+    dtype: QDType
+    granularity: Granularity
+    symmetric: bool = True
+    group_size: int = 0
+    observer: ObserverKind | None = ObserverKind.minmax  # None: dynamic, nothing to observe
+
+    @property
+    def dynamic(self) -> bool:
+        return self.granularity is Granularity.per_token
+
+    def describe(self) -> str:
+        text = f"{self.dtype.value} {self.granularity.value}"
+        if self.group_size:
+            text += f"(g{self.group_size})"
+        text += " sym" if self.symmetric else " asym"
+        if self.observer is not None:
+            text += f" {self.observer.value}"
+        return text
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype.value, "granularity": self.granularity.value,
+                "symmetric": self.symmetric, "group_size": self.group_size,
+                "observer": None if self.observer is None else self.observer.value}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorFormat":
+        observer = data.get("observer")
+        return cls(dtype=QDType(data["dtype"]), granularity=Granularity(data["granularity"]),
+                   symmetric=bool(data["symmetric"]), group_size=int(data.get("group_size", 0)),
+                   observer=None if observer is None else ObserverKind(observer))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFormat:
+    """How one linear layer is quantized. `None` leaves that tensor in float."""
+
+    weight: TensorFormat | None = None
+    input: TensorFormat | None = None
+    output: TensorFormat | None = None
+
+    @property
+    def tensors(self) -> dict[str, TensorFormat]:
+        return {k: v for k, v in (("weight", self.weight), ("input", self.input),
+                                  ("output", self.output)) if v is not None}
+
+    def to_json(self) -> dict:
+        return {k: (None if v is None else v.to_json()) for k, v in
+                (("weight", self.weight), ("input", self.input), ("output", self.output))}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LayerFormat":
+        return cls(**{k: None if data.get(k) is None else TensorFormat.from_json(data[k])
+                      for k in ("weight", "input", "output")})

@@ -1,0 +1,101 @@
+"""Graph tensors <-> artifact tensors (the Quark layout that transformers + amd-quark and vLLM load).
+
+In the graph a layer's codes sit unpacked in their compute dtype (FNUZ on gfx942), symmetric
+formats carry no zero point, and group scales are [out, in/group]. The artifact follows Quark:
+FP8 as OCP e4m3fn (FNUZ codes convert exactly, scales halve), an int8 zero point beside every
+int scale, int4/uint4 packed eight to an int32 as Quark packs them. Both directions live
+here so they cannot drift apart.
+"""
+from __future__ import annotations
+
+import torch
+
+from qfx.runtime import numerics
+from qfx.runtime.formats import LayerFormat, QDType, TensorFormat
+
+ROLES = ("weight", "input", "output")
+
+
+def _is_fnuz(fmt: TensorFormat | None) -> bool:
+    return fmt is not None and fmt.dtype is QDType.fp8_e4m3fnuz
+
+
+def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:
+    """One layer's graph buffers (keys 'weight', 'weight_scale', ...) in artifact form."""
+    out = dict(tensors)
+    for role in ROLES:
+        tf: TensorFormat | None = getattr(fmt, role)
+        if tf is None or tf.dynamic:
+            continue
+        scale_key, zp_key = f"{role}_scale", f"{role}_zero_point"
+        if _is_fnuz(tf):
+            if role == "weight":
+                out["weight"], out[scale_key] = numerics.fnuz_to_fn(out["weight"], out[scale_key])
+            else:
+                out[scale_key] = out[scale_key] / 2
+        elif not tf.dtype.is_fp8 and zp_key not in out:
+            out[zp_key] = torch.zeros_like(out[scale_key], dtype=tf.dtype.storage)
+        if role == "weight" and tf.dtype.bits == 4:
+            out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
+                out["weight"], out[scale_key], out[zp_key])
+    return out
+
+
+def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:
+    """The inverse of `layer_to_artifact`."""
+    out = dict(tensors)
+    for role in ROLES:
+        tf: TensorFormat | None = getattr(fmt, role)
+        if tf is None or tf.dynamic:
+            continue
+        scale_key, zp_key = f"{role}_scale", f"{role}_zero_point"
+        if role == "weight" and tf.dtype.bits == 4:
+            out["weight"], out[scale_key], out[zp_key] = unpack_quark_int4(
+                out["weight"], out[scale_key], out[zp_key], tf.dtype)
+        if _is_fnuz(tf):
+            if role == "weight":
+                out["weight"], out[scale_key] = numerics.fn_to_fnuz(out["weight"], out[scale_key])
+            else:
+                out[scale_key] = out[scale_key] * 2
+        elif tf.symmetric:
+            out.pop(zp_key, None)
+    return out
+
+
+# Quark's "reorder" int4 packing: eight 4-bit codes per int32, the nibbles of each group of
+# eight taken in this order (so that a reordered unpack yields consecutive values).
+_QUARK_INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _pack8(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] 4-bit codes -> [rows, cols/8] int32, packed along the last axis."""
+    rows, cols = codes.shape
+    nib = (codes.to(torch.int64) & 0xF).reshape(rows, cols // 8, 8)[..., list(_QUARK_INT4_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    word = (nib << shifts).sum(dim=-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _unpack8(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    rows, words = packed.shape
+    wide = packed.to(torch.int64) & 0xFFFFFFFF
+    nib = (wide.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int64)) & 0xF
+    inverse = [0] * 8
+    for position, source in enumerate(_QUARK_INT4_ORDER):
+        inverse[source] = position
+    nib = nib[..., inverse].reshape(rows, words * 8)
+    if signed:
+        return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+    return nib.to(torch.uint8)
+
+
+def pack_quark_int4(codes, scale, zero_point):
+    """Graph [out, in] codes, [out, in/g] scale and zero point -> Quark's transposed int32 layout."""
+    return _pack8(codes.t().contiguous()), scale.t().contiguous(), _pack8(zero_point.t().contiguous())
+
+
+def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
+    codes = _unpack8(packed, dtype.is_signed).t().contiguous()
+    zp = _unpack8(zero_point, dtype.is_signed).t().contiguous()
+    return codes, scale.t().contiguous(), zp
+

@@ -1,0 +1,138 @@
+"""Reference quantization arithmetic: the oracle every kernel and artifact is checked against.
+
+Conventions (the same as ONNX QuantizeLinear / DequantizeLinear, so an ONNX emitter maps
+one-to-one): q = saturate(round_half_even(x / scale) + zero_point); x' = (q - zero_point) * scale.
+`scale` is per tensor (0-d), per axis (1-d along `axis`), blocked (same rank as x with
+`axis` shrunk by `group_size`), or already broadcastable (per-token, same rank, last dim 1).
+Scales are fp32. FP8 is clamped before the cast: torch saturates e4m3fn but turns
+out-of-range values into NaN for e4m3fnuz.
+"""
+from __future__ import annotations
+
+import torch
+
+from qfx.runtime.formats import Granularity, QDType, TensorFormat
+
+# Smallest scale we emit: keeps all-zero tensors finite without changing any real range.
+MIN_SCALE = 1e-12
+
+
+def broadcast_scale(scale: torch.Tensor, ndim: int, axis: int, group_size: int) -> torch.Tensor:
+    if scale.ndim == 0:
+        return scale
+    if group_size:
+        return scale.repeat_interleave(group_size, dim=axis)
+    if scale.ndim == 1 and ndim > 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return scale.view(shape)
+    return scale
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
+    s = broadcast_scale(scale, x.ndim, axis, group_size)
+    y = x.float() / s
+    if qdtype.is_fp8:
+        return y.clamp(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
+    y = torch.round(y)
+    if zero_point is not None:
+        y = y + broadcast_scale(zero_point, x.ndim, axis, group_size).float()
+    return y.clamp(qdtype.qmin, qdtype.qmax).to(qdtype.storage)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               qdtype: QDType, axis: int = 0, group_size: int = 0,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    s = broadcast_scale(scale, codes.ndim, axis, group_size)
+    y = codes.float()
+    if zero_point is not None:
+        y = y - broadcast_scale(zero_point, codes.ndim, axis, group_size).float()
+    return (y * s).to(out_dtype)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (fp32) and zero point (in the code's storage dtype, or None when symmetric)."""
+    lo = torch.clamp(lo.float(), max=0.0)  # the range always holds 0, so 0 is exact
+    hi = torch.clamp(hi.float(), min=0.0)
+    q = fmt.dtype
+    if fmt.symmetric:
+        amax = torch.maximum(-lo, hi)
+        return torch.clamp(amax / q.qmax, min=MIN_SCALE), None
+    scale = torch.clamp((hi - lo) / (q.qmax - q.qmin), min=MIN_SCALE)
+    zero_point = torch.clamp(torch.round(q.qmin - lo / scale), q.qmin, q.qmax)
+    return scale, zero_point.to(q.storage)
+
+
+def weight_range(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of a [out, in] weight at the format's granularity (shapes as the scale's)."""
+    if fmt.granularity is Granularity.per_tensor:
+        return torch.aminmax(w.float())
+    if fmt.granularity is Granularity.per_channel:
+        return torch.aminmax(w.float(), dim=1)
+    if fmt.granularity is Granularity.per_group:
+        out_features, in_features = w.shape
+        grouped = w.float().reshape(out_features, in_features // fmt.group_size, fmt.group_size)
+        return torch.aminmax(grouped, dim=2)
+    raise ValueError(f"{fmt.granularity.value} is not a weight granularity")
+
+
+def quantize_weight(w: torch.Tensor, fmt: TensorFormat):
+    """RTN: (codes, scale, zero_point) of a [out, in] weight; codes keep w's shape."""
+    scale, zero_point = qparams_from_range(*weight_range(w, fmt), fmt)
+    codes = quantize(w, scale, zero_point, fmt.dtype, axis=weight_axis(fmt), group_size=fmt.group_size)
+    return codes, scale, zero_point
+
+
+def weight_axis(fmt: TensorFormat) -> int:
+    """The axis along which a weight's scale varies ([out, in] layout)."""
+    return 1 if fmt.granularity is Granularity.per_group else 0
+
+
+def quantize_per_token(x: torch.Tensor, qdtype: QDType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric quantization with one scale per row of the last axis."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    scale = torch.clamp(amax / qdtype.qmax, min=MIN_SCALE)
+    return quantize(x, scale, None, qdtype), scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last axis: element 2i in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
+    nibbles = codes.to(torch.int16) & 0xF
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    wide = packed.to(torch.int16)
+    nibbles = torch.stack([wide & 0xF, (wide >> 4) & 0xF], dim=-1).flatten(-2)
+    if signed:
+        return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+    return nibbles.to(torch.uint8)
+
+
+def fn_to_fnuz(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP e4m3fn codes as e4m3fnuz: same bits, value halved, so the scale doubles.
+
+    0x80 is -0 in FN but NaN in FNUZ, so it becomes 0."""
+    bits = codes.view(torch.uint8)
+    bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    return bits.view(torch.float8_e4m3fnuz), scale * 2
+
+
+def fnuz_to_fn(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of fn_to_fnuz. FNUZ's NaN (0x80) has no FN twin and is refused."""
+    bits = codes.view(torch.uint8)
+    if bool((bits == 0x80).any()):
+        raise ValueError("e4m3fnuz codes hold NaN (0x80); they cannot be stored as e4m3fn")
+    return bits.view(torch.float8_e4m3fn), scale / 2
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    signal = reference.double().pow(2).sum()
+    noise = (reference.double() - approx.double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,50 @@
+"""The `qfx::` quantize / dequantize ops that a QDQ graph is made of.
+
+Each is a torch custom op with a fake implementation, so graphs holding them export, save and
+reload; the body is the reference arithmetic of `qfx.runtime.numerics`. They mirror ONNX
+QuantizeLinear / DequantizeLinear (axis, block size) so an ONNX emitter maps them one to one.
+"""
+from __future__ import annotations
+
+import torch
+
+from qfx.runtime import numerics
+from qfx.runtime.formats import QDType
+
+
+@torch.library.custom_op("qfx::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             qdtype: str, axis: int, group_size: int) -> torch.Tensor:
+    return numerics.quantize(x, scale, zero_point, QDType(qdtype), axis, group_size)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, qdtype, axis, group_size):
+    return torch.empty_like(x, dtype=QDType(qdtype).storage)
+
+
+@torch.library.custom_op("qfx::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               qdtype: str, axis: int, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return numerics.dequantize(codes, scale, zero_point, QDType(qdtype), axis, group_size, out_dtype)
+
+
+@dequantize.register_fake
+def _(codes, scale, zero_point, qdtype, axis, group_size, out_dtype):
+    return torch.empty_like(codes, dtype=out_dtype)
+
+
+@torch.library.custom_op("qfx::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, qdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return numerics.quantize_per_token(x, QDType(qdtype))
+
+
+@quantize_per_token.register_fake
+def _(x, qdtype):
+    return (torch.empty_like(x, dtype=QDType(qdtype).storage),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+QUANTIZE = torch.ops.qfx.quantize.default
+DEQUANTIZE = torch.ops.qfx.dequantize.default
+QUANTIZE_PER_TOKEN = torch.ops.qfx.quantize_per_token.default
