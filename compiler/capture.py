@@ -55,9 +55,9 @@ class ModelBundle:
         return {"causal_lm": ("input_ids",), "encoder": ("input_ids", "attention_mask")}.get(self.kind, ())
 
 
-def _hf_kind(config) -> str:
-    archs = getattr(config, "architectures", None) or []
-    return "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+def _hf_kind(config, model: torch.nn.Module | None = None) -> str:
+    names = list(getattr(config, "architectures", None) or []) + ([type(model).__name__] if model else [])
+    return "causal_lm" if any(a.endswith("ForCausalLM") for a in names) else "encoder"
 
 
 def load_hf(model_dir: Path) -> ModelBundle:
@@ -89,7 +89,7 @@ def wrap_module(obj) -> ModelBundle:
         raise ModelLoadError(f"expected a torch.nn.Module (or (module, example_inputs)), got {type(model).__name__}")
     config = getattr(model, "config", None)
     if config is not None and hasattr(model, "get_input_embeddings") and example is None:
-        kind = _hf_kind(config)
+        kind = _hf_kind(config, model)
         wrapper = CausalLMLogits(model) if kind == "causal_lm" else EncoderHidden(model)
         model.eval()
         return ModelBundle(wrapper, kind, ROOT + ".", model, None, vocab_size=getattr(config, "vocab_size", None))
@@ -123,7 +123,7 @@ def _module_stack(root: torch.nn.Module):
     errors: list[tuple[str, str]] = []
 
     def pre(module, args):
-        stack.append(f"{names.get(id(module), '?')} ({type(module).__name__})")
+        stack.append(f"{names.get(id(module)) or '<root>'} ({type(module).__name__})")
 
     def post(module, args, output):
         if stack:

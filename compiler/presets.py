@@ -1,7 +1,7 @@
 """Named schemes that `quantization.preset` expands to (a default that `default` may overlay)."""
 from __future__ import annotations
 
-from qfx.spec import LayerScheme, Preset
+from qfx.spec import Preset
 
 _INT8_W = {"dtype": "int8", "granularity": "per_channel"}
 _INT8_A = {"dtype": "int8", "granularity": "per_tensor", "observer": "minmax"}
@@ -24,6 +24,3 @@ PRESETS: dict[Preset, dict] = {
     Preset.w4a16_g128_asym: _w4(128, symmetric=False),
 }
 
-
-def preset_scheme(preset: Preset) -> LayerScheme:
-    return LayerScheme.model_validate(PRESETS[preset])

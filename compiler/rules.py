@@ -9,13 +9,9 @@ import pydantic
 
 from qfx.errors import SpecError
 from qfx.passes.meta import LayerQuant
-from qfx.presets import preset_scheme
 from qfx.runtime.formats import Granularity, LayerFormat, ObserverKind, QDType, TensorFormat
-from qfx.spec import DType, Target, TensorScheme, role_problem
+from qfx.spec import ROLES, DType, Target, TensorScheme, overlay, role_problem
 from qfx.spec_loader import SpecSource
-
-ROLES = ("weight", "input", "output")
-
 
 @dataclasses.dataclass(frozen=True)
 class LinearInfo:
@@ -41,12 +37,6 @@ def _unmatched(pattern: str, loc: tuple, source: SpecSource, paths: list[str]) -
                           "on the full module path, e.g. '*k_proj'")
 
 
-def _overlay(base: dict | None, patch) -> dict | None:
-    if patch is None:
-        return None
-    return {**(base or {}), **patch.model_dump(exclude_unset=True)}
-
-
 def to_format(scheme: TensorScheme, role: str, target: Target) -> TensorFormat:
     if scheme.dtype is DType.fp8_e4m3:
         dtype = QDType.fp8_e4m3fnuz if target is Target.gfx942 else QDType.fp8_e4m3fn
@@ -70,16 +60,10 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
                 raise _unmatched(pattern, q_loc + ("rules", r, "match", i), source, paths)
 
-    base: dict[str, dict | None] = {role: None for role in ROLES}
-    base_origin = {role: q_loc for role in ROLES}
-    if quantization.preset is not None:
-        preset = preset_scheme(quantization.preset)
-        base = {role: _overlay(None, getattr(preset, role)) for role in ROLES}
-        base_origin = {role: q_loc + ("preset",) for role in ROLES}
-    if quantization.default is not None:
-        for role in quantization.default.model_fields_set & set(ROLES):
-            base[role] = _overlay(base[role], getattr(quantization.default, role))
-            base_origin[role] = q_loc + ("default", role)
+    base = quantization.default_fields()
+    set_by_default = quantization.default.model_fields_set if quantization.default else set()
+    base_origin = {role: q_loc + (("default", role) if role in set_by_default else ("preset",))
+                   for role in ROLES}
     default_label = ["default"] if quantization.default else []
     if quantization.preset is not None:
         default_label.insert(0, f"preset {quantization.preset.value}")
@@ -95,7 +79,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                 continue
             applied.append(f"rules[{r}] ({hit})")
             for role in rule.model_fields_set & set(ROLES):
-                fields[role] = _overlay(fields[role], getattr(rule, role))
+                fields[role] = overlay(fields[role], getattr(rule, role))
                 origin[role] = q_loc + ("rules", r, role)
         formats = {}
         for role in ROLES:
@@ -114,9 +98,11 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                 raise SpecError(f"group_size {scheme.group_size} does not divide in_features "
                                 f"{layer.in_features} of {layer.path}", where=where,
                                 hint="pick a group size that divides it, or exclude the layer")
-            if scheme.dtype in (DType.int4, DType.uint4) and layer.in_features % 2:
-                raise SpecError(f"{scheme.dtype.value} packs two codes per byte, but {layer.path} has an "
-                                f"odd in_features ({layer.in_features})", where=where)
+            if scheme.dtype in (DType.int4, DType.uint4) and layer.out_features % 8:
+                raise SpecError(f"{scheme.dtype.value} weights are packed eight to an int32 along the output "
+                                f"axis (Quark's layout), but {layer.path} has out_features "
+                                f"{layer.out_features}, not a multiple of 8", where=where,
+                                hint="exclude the layer or quantize it to int8")
             formats[role] = to_format(scheme, role, target)
         fmt = LayerFormat(**formats)
         if fmt.tensors:

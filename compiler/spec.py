@@ -82,14 +82,11 @@ class TensorPatch(_Model):
 
 
 class LayerScheme(_Model):
-    weight: TensorScheme | None = None
-    input: TensorScheme | None = None
-    output: TensorScheme | None = None
+    """`default`: overlays the preset (if any) field by field; complete schemes are checked per layer."""
 
-    @model_validator(mode="after")
-    def _roles(self):
-        _check_roles(self)
-        return self
+    weight: TensorPatch | None = None
+    input: TensorPatch | None = None
+    output: TensorPatch | None = None
 
 
 class Rule(_Model):
@@ -119,7 +116,39 @@ class Quantization(_Model):
     def _has_scheme(self):
         if self.preset is None and self.default is None and not self.rules:
             raise ValueError("give a `preset`, a `default` scheme, or `rules`")
+        for role, fields in self.default_fields().items():
+            if fields is None:
+                continue
+            try:
+                scheme = TensorScheme.model_validate(fields)
+            except ValueError as exc:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise ValueError(f"default.{role}: {problems}") from None
+            if problem := role_problem(role, scheme):
+                raise ValueError(f"default.{role}: {problem}")
         return self
+
+    def default_fields(self) -> dict[str, dict | None]:
+        """The default scheme per role: the preset's, overlaid field by field by `default`."""
+        from qfx.presets import PRESETS
+
+        base = {role: None for role in ROLES}
+        if self.preset is not None:
+            base.update(PRESETS[self.preset])
+        if self.default is not None:
+            for role in self.default.model_fields_set & set(ROLES):
+                base[role] = overlay(base[role], getattr(self.default, role))
+        return base
+
+
+ROLES = ("weight", "input", "output")
+
+
+def overlay(base: dict | None, patch: "TensorPatch | None") -> dict | None:
+    """A rule or default's fields over a scheme; `None` (null in YAML) switches the tensor off."""
+    if patch is None:
+        return None
+    return {**(base or {}), **patch.model_dump(exclude_unset=True)}
 
 
 class ModelSource(_Model):
@@ -195,11 +224,4 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
     if role == "output" and g is not Granularity.per_tensor:
         return "output (KV cache) quantization is static: use per_tensor"
     return None
-
-
-def _check_roles(scheme: LayerScheme) -> None:
-    for role in ("weight", "input", "output"):
-        value = getattr(scheme, role)
-        if value is not None and (problem := role_problem(role, value)):
-            raise ValueError(f"{role}: {problem}")
 

