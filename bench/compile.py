@@ -115,7 +115,7 @@ class Breakdown:
     """Inclusive wall time, calls and peak RSS per nested phase (keyed by its path of labels)."""
 
     def __init__(self):
-        self.stack: list[list] = []  # [path, t0, peak]
+        self.stack: list[list] = []  # [path, t0, peak, self_peak]
         self.rows: dict[str, dict] = {}
         self.patched: list[tuple] = []
         self.missing: list[str] = []
@@ -124,20 +124,24 @@ class Breakdown:
         peak = vm_hwm()
         for frame in self.stack:
             frame[2] = max(frame[2], peak)
+        if self.stack:  # the segment since the last fold ran in the innermost phase's own code
+            self.stack[-1][3] = max(self.stack[-1][3], peak)
         reset_hwm()
 
     def enter(self, label: str) -> None:
         self._fold()
         path = f"{self.stack[-1][0]}/{label}" if self.stack else label
-        self.stack.append([path, time.perf_counter(), 0])
+        self.stack.append([path, time.perf_counter(), 0, 0])
 
     def exit(self) -> None:
         self._fold()
-        path, t0, peak = self.stack.pop()
-        row = self.rows.setdefault(path, {"calls": 0, "seconds": 0.0, "peak_rss": 0})
+        path, t0, peak, self_peak = self.stack.pop()
+        row = self.rows.setdefault(path, {"calls": 0, "seconds": 0.0, "peak_rss": 0, "self_peak_rss": 0})
         row["calls"] += 1
         row["seconds"] += time.perf_counter() - t0
         row["peak_rss"] = max(row["peak_rss"], peak)  # the parent's frame holds it too (folded)
+        row["self_peak_rss"] = max(row["self_peak_rss"], self_peak)
+        row["rss_after"] = rss_now()  # after the last call
 
     def wrap(self, fn, label: str):
         @functools.wraps(fn)
@@ -163,18 +167,23 @@ class Breakdown:
             setattr(owner, attr, original)
         self.patched.clear()
 
+    def peak(self) -> int:
+        return max([r["peak_rss"] for r in self.rows.values()] + [vm_hwm()])
+
     def table(self) -> dict[str, dict]:
-        """Rows with `self` rows added where a phase has children; seconds rounded."""
+        """Per phase path: calls, inclusive seconds, peak RSS during it, RSS after its last call.
+        Phases with children get a `(self)` row: time and peak outside the wrapped children."""
         out: dict[str, dict] = {}
         for path, row in self.rows.items():
             out[path] = {"calls": row["calls"], "seconds": round(row["seconds"], 3),
-                         "peak_rss": row["peak_rss"]}
+                         "peak_rss": row["peak_rss"], "rss_after": row["rss_after"]}
             children = [r for p, r in self.rows.items()
                         if p.startswith(path + "/") and "/" not in p[len(path) + 1:]]
             if children:
                 out[path + "/(self)"] = {
                     "calls": row["calls"],
-                    "seconds": round(row["seconds"] - sum(c["seconds"] for c in children), 3)}
+                    "seconds": round(row["seconds"] - sum(c["seconds"] for c in children), 3),
+                    "peak_rss": row["self_peak_rss"]}
         return dict(sorted(out.items()))
 
 
@@ -262,6 +271,7 @@ def run_phase(args) -> dict:
     if args.phase == "build":
         import qfx  # imported before the baseline, as the forward phase imports transformers
     rss_imports = rss_now()
+    info_load = os.getloadavg()
     model = make_model()
     params = list(model.parameters())
     info = {
@@ -271,6 +281,7 @@ def run_phase(args) -> dict:
         "params": sum(p.numel() for p in params),
         "model_bytes": sum(p.numel() * p.element_size() for p in params),
         "rss_after_imports": rss_imports,
+        "loadavg_1m_at_start": round(info_load[0], 2),
         "rss_after_model": rss_now(),
         "ru_maxrss_before": ru_maxrss(),
     }
@@ -354,9 +365,12 @@ def run_phase(args) -> dict:
                 pstats.Stats(profiler, stream=buf).strip_dirs().sort_stats(key).print_stats(args.profile_top)
                 info[f"profile_{key}"] = buf.getvalue()
     info["phase_peak_rss"] = vm_hwm() if info["hwm_reset"] else None
+    if info["hwm_reset"] and info.get("breakdown"):  # the breakdown resets VmHWM at each boundary
+        info["phase_peak_rss"] = max(info["phase_peak_rss"], info["breakdown"]["compile"]["peak_rss"])
     info["ru_maxrss_end"] = ru_maxrss()
     info["process_peak_rss"] = max(info["ru_maxrss_before"], info["phase_peak_rss"] or 0, info["ru_maxrss_end"])
     info["rss_end"] = rss_now()
+    info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return info
 
 
@@ -430,7 +444,7 @@ def summarize(forwards: list[dict], builds: list[dict], args) -> dict:
     phase_peak = max((b["phase_peak_rss"] or 0) for b in builds) or None
     baseline = b0["rss_after_model"]
     time_ratio = bld_t / fwd_t
-    keep = ("wall_s", "rss_after_imports", "rss_after_model", "phase_peak_rss", "process_peak_rss",
+    keep = ("wall_s", "loadavg_1m_at_start", "loadavg_1m_at_end", "rss_after_imports", "rss_after_model", "phase_peak_rss", "process_peak_rss",
             "rss_end", "subprocess_wall_s")
     result = {
         "benchmark": "compile",
@@ -479,12 +493,13 @@ def summarize(forwards: list[dict], builds: list[dict], args) -> dict:
 def print_breakdown(rows: dict | None, stream=sys.stderr) -> None:
     if not rows:
         return
-    print(f"{'phase':<72} {'calls':>5} {'seconds':>8} {'peak RSS':>10}", file=stream)
+    print(f"{'phase':<44} {'calls':>5} {'seconds':>8} {'peak RSS':>10} {'RSS after':>10}", file=stream)
     for path, row in rows.items():
         depth = path.count("/")
         name = "  " * depth + path.rsplit("/", 1)[-1]
-        peak = _mib(row["peak_rss"]) if "peak_rss" in row else ""
-        print(f"{name:<72} {row['calls']:>5} {row['seconds']:>8.2f} {peak:>10}", file=stream)
+        peak = _mib(row["peak_rss"]) if row.get("peak_rss") else ""
+        after = _mib(row["rss_after"]) if "rss_after" in row else ""
+        print(f"{name:<44} {row['calls']:>5} {row['seconds']:>8.2f} {peak:>10} {after:>10}", file=stream)
 
 
 def main(argv=None) -> int:

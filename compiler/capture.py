@@ -150,7 +150,8 @@ def _user_frame(exc: BaseException) -> str:
 def export(bundle: ModelBundle, example: tuple) -> torch.fx.GraphModule:
     """torch.export (non-strict) with dynamic batch (and sequence for HF models), unlifted."""
     if bundle.kind in ("causal_lm", "encoder"):
-        dims = {0: torch.export.Dim("batch", max=4096), 1: torch.export.Dim("seq", min=2, max=65536)}
+        max_seq = getattr(getattr(bundle.hf_model, "config", None), "max_position_embeddings", None) or 65536
+        dims = {0: torch.export.Dim("batch", max=4096), 1: torch.export.Dim("seq", min=2, max=max_seq)}
         dynamic = tuple(dims for _ in example)
     else:
         dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None

@@ -24,7 +24,7 @@ def tiny_bert(seed: int = 0):
     config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=256, max_position_embeddings=128)
     torch.manual_seed(seed)
-    return BertModel(config, add_pooling_layer=False).eval()
+    return BertModel(config).eval()
 
 
 class TinyMLP(torch.nn.Module):

@@ -28,7 +28,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict) -> dict:
     tensors, aliases = artifact_tensors(gm, plan, root_prefix)
-    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt", "producer": "qfx"})
+    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})  # one key: safetensors
+    # writes metadata in hash order, so a second key would make two builds differ
     del tensors
     files = [MODEL_FILE]
     if hf_config is not None:
