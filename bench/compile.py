@@ -49,6 +49,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -77,6 +78,7 @@ SPEC = {
 TIME_RATIO_TARGET = 1.5  # build_time / forward_time <= this
 RSS_MODEL_FACTOR = 1.5  # peak RSS < factor x fp32 model bytes + slack
 RSS_SLACK = 1 << 29  # 0.5 GiB
+QFX_FILES = re.escape(str(ROOT)) + r"/(compiler|passes|lowering|runtime)/"  # qfx's frames (profile)
 MARKER = "QFX-BENCH-RESULT "  # prefix of the JSON line a phase subprocess prints on stdout
 
 
@@ -360,9 +362,13 @@ def run_phase(args) -> dict:
 
             if args.profile_out:
                 profiler.dump_stats(args.profile_out)
-            for key in ("cumulative", "tottime"):
+            for key, restrict in (("cumulative", None), ("tottime", None), ("qfx_cumulative", QFX_FILES)):
                 buf = io.StringIO()
-                pstats.Stats(profiler, stream=buf).strip_dirs().sort_stats(key).print_stats(args.profile_top)
+                stats = pstats.Stats(profiler, stream=buf)
+                if restrict is None:
+                    stats.strip_dirs()
+                stats.sort_stats(key.rsplit("_", 1)[-1])
+                stats.print_stats(*([restrict] if restrict else []), args.profile_top)
                 info[f"profile_{key}"] = buf.getvalue()
     info["phase_peak_rss"] = vm_hwm() if info["hwm_reset"] else None
     if info["hwm_reset"] and info.get("breakdown"):  # the breakdown resets VmHWM at each boundary
@@ -503,7 +509,8 @@ def print_breakdown(rows: dict | None, stream=sys.stderr) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=head, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase", choices=["forward", "build"], help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="diagnostic: profile the build phase only")
@@ -528,10 +535,15 @@ def main(argv=None) -> int:
         prof = RESULTS_DIR / "compile-build.prof"
         info = launch("build", args, ["--profile", "--profile-top", str(args.profile_top),
                                       "--profile-out", str(prof)])
+        print(f"== top {args.profile_top} functions by cumulative time (build phase)")
         print(info["profile_cumulative"])
+        print(f"== top {args.profile_top} qfx functions by cumulative time")
+        print(info["profile_qfx_cumulative"])
+        print("== breakdown (wall time and RSS per wrapped qfx function, under the profiler)")
         print_breakdown(info.get("breakdown"), sys.stdout)
         out = {k: info.get(k) for k in ("wall_s", "rss_after_model", "phase_peak_rss", "process_peak_rss",
-                                         "breakdown", "profile_cumulative", "profile_tottime")}
+                                         "breakdown", "profile_cumulative", "profile_qfx_cumulative",
+                                         "profile_tottime")}
         out["note"] = "under cProfile: times are inflated; use the proportions"
         path = RESULTS_DIR / "compile-profile.json"
         path.write_text(json.dumps(_round(out), indent=2) + "\n")
