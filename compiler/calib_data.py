@@ -31,7 +31,7 @@ class CalibrationSet:
         digest = hashlib.sha256()
         for t in self.inputs:
             digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(t.contiguous().view(torch.uint8).numpy())
         return digest.hexdigest()
 
 
@@ -151,13 +151,21 @@ def calibration_set(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     return from_text(cfg, bundle) if cfg.text else from_tokens(cfg, bundle)
 
 
-def run_calibration(gm: torch.nn.Module, data: CalibrationSet, batch_size: int) -> dict:
-    """Run every batch through `gm` (observers record ranges). The phase between observe and convert."""
+def run_calibration(gm: torch.nn.Module, data: CalibrationSet, batch_size: int, keep: int = 0
+                    ) -> tuple[dict, torch.Tensor | None]:
+    """Run every batch through `gm` (observers record ranges): the phase between observe and convert.
+
+    Returns the stats and the output of the first `keep` samples; observers are identities,
+    so that is the float model's output, kept for the accuracy check at no extra cost."""
     from tqdm import tqdm
 
     n_batches = (data.samples + batch_size - 1) // batch_size
+    kept = None
     with torch.no_grad():
         for batch in tqdm(data.batches(batch_size), total=n_batches, desc="calibrating", unit="batch",
                           disable=not sys.stderr.isatty(), leave=False):
-            gm(*batch)
-    return {"batches": n_batches, "samples": data.samples}
+            out = gm(*batch)
+            if kept is None and keep:
+                kept = out[:keep].clone()
+            del out
+    return {"batches": n_batches, "samples": data.samples}, kept

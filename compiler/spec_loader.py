@@ -120,7 +120,7 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
         return None if p is None else str((base / os.path.expanduser(p)).resolve())
 
     updates = {
-        "model": spec.model.model_copy(update={"path": rel(spec.model.path)}),
+        "model": spec.model and spec.model.model_copy(update={"path": rel(spec.model.path)}),
         "calibration": spec.calibration.model_copy(update={"text": rel(spec.calibration.text),
                                                           "tokens": rel(spec.calibration.tokens)}),
     }

@@ -118,7 +118,7 @@ class Convert(Pass):
                     dq = edit.qdq_activation(source, fmt.input, "input",
                                              None if not obs else gm.get_submodule(obs).range())
                 linear.replace_input_with(x, dq)
-                if obs:
+                if obs and not x.users:  # a shared observer goes with its last reader
                     graph.erase_node(x)
                     gm.delete_submodule(obs)
             if fmt.output is not None:

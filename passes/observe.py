@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.meta import copy_meta, get_quant
@@ -34,19 +36,26 @@ class Observe(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         count = 0
         graph = gm.graph
+        # Linears that read one tensor with one format (q/k/v, gate/up) share its observer:
+        # they would all record the same range.
+        shared: dict[tuple[torch.fx.Node, object], torch.fx.Node] = {}
         for node in linear_nodes(gm):
             quant = get_quant(node)
             if quant is None:
                 continue
             fmt = quant.fmt
             if fmt.input is not None and not fmt.input.dynamic:
-                target = f"{OBSERVER_PREFIX}{count}"
-                gm.add_submodule(target, self._observer(fmt.input, f"{quant.module} (input)"))
-                with graph.inserting_before(node):
-                    obs = graph.call_module(target, (node.args[0],))
-                copy_meta(obs, node, "observer", node.args[0].meta.get("val"))
-                node.replace_input_with(node.args[0], obs)
-                count += 1
+                source = node.args[0]
+                obs = shared.get((source, fmt.input))
+                if obs is None:
+                    target = f"{OBSERVER_PREFIX}{count}"
+                    gm.add_submodule(target, self._observer(fmt.input, f"{quant.module} (input)"))
+                    with graph.inserting_after(source):
+                        obs = graph.call_module(target, (source,))
+                    copy_meta(obs, node, "observer", source.meta.get("val"))
+                    shared[(source, fmt.input)] = obs
+                    count += 1
+                node.replace_input_with(source, obs)
             if fmt.output is not None and not fmt.output.dynamic:
                 target = f"{OBSERVER_PREFIX}{count}"
                 gm.add_submodule(target, self._observer(fmt.output, f"{quant.module} (output)"))

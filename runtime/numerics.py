@@ -9,6 +9,8 @@ out-of-range values into NaN for e4m3fnuz.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qfx.runtime.formats import Granularity, QDType, TensorFormat
@@ -32,13 +34,13 @@ def broadcast_scale(scale: torch.Tensor, ndim: int, axis: int, group_size: int) 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
     s = broadcast_scale(scale, x.ndim, axis, group_size)
-    y = x.float() / s
+    y = x.float() / s  # the one temporary; everything after works in place
     if qdtype.is_fp8:
-        return y.clamp(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
-    y = torch.round(y)
+        return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
+    y.round_()
     if zero_point is not None:
-        y = y + broadcast_scale(zero_point, x.ndim, axis, group_size).float()
-    return y.clamp(qdtype.qmin, qdtype.qmax).to(qdtype.storage)
+        y.add_(broadcast_scale(zero_point, x.ndim, axis, group_size))
+    return y.clamp_(qdtype.qmin, qdtype.qmax).to(qdtype.storage)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -130,9 +132,13 @@ def fnuz_to_fn(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
     return bits.view(torch.float8_e4m3fn), scale / 2
 
 
+def sum_squares(x: torch.Tensor) -> float:
+    """Σx² accumulated in float64, without a float64 copy of x."""
+    return float(torch.sum(x * x, dtype=torch.float64))
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    signal = reference.double().pow(2).sum()
-    noise = (reference.double() - approx.double()).pow(2).sum()
+    noise = sum_squares(reference.float() - approx.float())
     if noise == 0:
         return float("inf")
-    return float(10 * torch.log10(signal / noise))
+    return 10 * math.log10(sum_squares(reference.float()) / noise)
