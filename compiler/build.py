@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from qfx import __version__
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, export, load_model, wrap_module
@@ -17,10 +16,11 @@ from qfx.lowering import AtomicDir, emit_artifact
 from qfx.lowering.manifest import sha256_file
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
-from qfx.passes.meta import LayerQuant, module_path
-from qfx.runtime.evaluate import compare_outputs
+from qfx.passes.meta import module_path
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
+from qfx.runtime.evaluate import compare_outputs
+from qfx.runtime.formats import LayerQuant
 from qfx.spec_loader import LoadedSpec, load_spec
 
 

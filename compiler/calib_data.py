@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from qfx.capture import ModelBundle
 from qfx.errors import CalibrationError
 from qfx.spec import Calibration

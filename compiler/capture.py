@@ -4,12 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import traceback
 from pathlib import Path
 
 import torch
-
 from qfx.errors import ExportError, ModelLoadError
 from qfx.spec import ModelSource
 
@@ -120,7 +118,6 @@ def _module_stack(root: torch.nn.Module):
     """Track which module is running, so an export failure can name it."""
     names = {id(m): n for n, m in root.named_modules()}
     stack: list[str] = []
-    errors: list[tuple[str, str]] = []
 
     def pre(module, args):
         stack.append(f"{names.get(id(module)) or '<root>'} ({type(module).__name__})")

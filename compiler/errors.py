@@ -1,6 +1,15 @@
 """qfx's errors (defined in qfx.runtime.errors so the runtime can raise them without the compiler)."""
-from qfx.runtime.errors import (ArtifactError, CalibrationError, ExportError, ModelLoadError,
-                                OutputError, PassFailure, QfxError, SpecError, UserError)
+from qfx.runtime.errors import (
+                                ArtifactError,
+                                CalibrationError,
+                                ExportError,
+                                ModelLoadError,
+                                OutputError,
+                                PassFailure,
+                                QfxError,
+                                SpecError,
+                                UserError,
+)
 
 __all__ = ["ArtifactError", "CalibrationError", "ExportError", "ModelLoadError", "OutputError",
            "PassFailure", "QfxError", "SpecError", "UserError"]

@@ -6,12 +6,11 @@ import difflib
 import fnmatch
 
 import pydantic
-
 from qfx.errors import SpecError
-from qfx.passes.meta import LayerQuant
-from qfx.runtime.formats import Granularity, LayerFormat, ObserverKind, QDType, TensorFormat
+from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, QDType, TensorFormat
 from qfx.spec import ROLES, DType, Target, TensorScheme, overlay, role_problem
 from qfx.spec_loader import SpecSource
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearInfo:

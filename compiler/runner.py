@@ -2,12 +2,10 @@
 and turn a failing pass into a PassFailure that names it and leaves a reproducer."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-
 from qfx.errors import PassFailure, QfxError
 from qfx.passes.base import Pass, PassContext
 from qfx.passes.meta import ROLE_KEY

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydantic
 import yaml
-
 from qfx.errors import SpecError
 from qfx.spec import Spec
 

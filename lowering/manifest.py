@@ -8,10 +8,8 @@ import json
 from pathlib import Path
 
 import torch
-
-from qfx.passes.meta import LayerQuant
 from qfx.runtime import numerics
-from qfx.runtime.formats import LayerFormat
+from qfx.runtime.formats import LayerFormat, LayerQuant
 
 
 def sha256_file(path: Path) -> str:

@@ -6,9 +6,7 @@ import collections
 import fnmatch
 
 import torch
-
-from qfx.passes.meta import LayerQuant
-from qfx.runtime.formats import Granularity, LayerFormat, ObserverKind, QDType, TensorFormat
+from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, TensorFormat
 from qfx.runtime.layout import layer_to_artifact
 
 QUARK_VERSION = "0.13"

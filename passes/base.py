@@ -5,8 +5,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar
 
 import torch.fx
-
-from qfx.passes.meta import LayerQuant
+from qfx.runtime.formats import LayerQuant
 
 
 @dataclasses.dataclass

@@ -4,26 +4,14 @@ Keys are namespaced and values are frozen dataclasses, so a pass cannot half-upd
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch.fx
-
-from qfx.runtime.formats import LayerFormat
+from qfx.runtime.formats import LayerQuant
 
 QUANT_KEY = "qfx.quant"
 ROLE_KEY = "qfx.role"
 
 # Meta that every node a pass creates copies from the node it stands beside.
 INHERITED_KEYS = ("nn_module_stack", "stack_trace")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerQuant:
-    """Set by `annotate` on a linear node: its module, resolved formats and the rules behind them."""
-
-    module: str
-    fmt: LayerFormat
-    rules: tuple[str, ...]
 
 
 def get_quant(node: torch.fx.Node) -> LayerQuant | None:

@@ -122,3 +122,14 @@ class LayerFormat:
     def from_json(cls, data: dict) -> "LayerFormat":
         return cls(**{k: None if data.get(k) is None else TensorFormat.from_json(data[k])
                       for k in ("weight", "input", "output")})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+    """One planned layer: its module path, resolved formats and the spec rules behind them.
+
+    `annotate` puts it on the layer's linear node; the artifact's manifest records it."""
+
+    module: str
+    fmt: LayerFormat
+    rules: tuple[str, ...]

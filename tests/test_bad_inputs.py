@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 import qfx
 from conftest import ROOT, TINYSTORIES, needs_shared, tiny_spec
 from qfx.errors import CalibrationError, ExportError, ModelLoadError, OutputError, SpecError

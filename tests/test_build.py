@@ -4,12 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors import safe_open
-
 import qfx
 import qfx.runtime
-from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT, needs_shared, tiny_spec
+import torch
+from conftest import ROOT, TINYSTORIES_TEXT, needs_shared, tiny_spec
+from safetensors import safe_open
 
 TINY_SPECS = sorted((ROOT / "specs").glob("tiny-*.yaml"))
 

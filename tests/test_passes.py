@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import tiny_spec
+from qfx.build import _linears
 from qfx.calib_data import calibration_set, run_calibration
 from qfx.capture import export, wrap_module
 from qfx.errors import PassFailure
@@ -13,12 +14,10 @@ from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.base import Pass, PassResult
 from qfx.passes.meta import get_quant, get_role
 from qfx.passes.registry import PipelineSyntaxError
-from qfx.build import _linears
 from qfx.rules import resolve_plan
 from qfx.runner import run_pipeline, verify_graph
 from qfx.runtime import ops
 from qfx.spec_loader import load_spec
-from conftest import tiny_spec
 
 
 @pytest.fixture()

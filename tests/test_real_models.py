@@ -5,9 +5,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
-
 import qfx
+import torch
 from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, needs_shared
 from qfx.runtime.evaluate import mean_cosine, mean_pooled, perplexity
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 from qfx.errors import SpecError
 from qfx.spec import spec_json_schema
