@@ -23,7 +23,6 @@ setup: $(STAMP)
 
 $(QUARK_STAMP): constraints.txt
 	$(PYTHON) -m venv $(QUARK_VENV)
-	$(QUARK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(QUARK_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(QUARK_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors amd-quark
 	touch $@

@@ -63,6 +63,13 @@ def _example(data: CalibrationSet) -> tuple:
     return first if first[0].shape[0] == 2 else tuple(torch.cat([t, t]) for t in first)
 
 
+def _tensor_output(out):
+    """The output tensor of a captured model (HF wrappers return one; plain modules may nest it)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
     figures = compare_outputs(reference, quantized, top1=kind == "causal_lm")
     return {"inputs": f"the first calibration batch ({samples} samples)", **figures}
@@ -115,10 +122,11 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
 
         check_batch = next(data.batches(CHECK_SAMPLES))
-        reference: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # the eager model computes exactly what the captured graph does
+            reference = bundle.module(*check_batch)
 
         def calibrate(graph):
-            stats, reference["out"] = run_calibration(graph, data, cfg.calibration.batch_size, keep=CHECK_SAMPLES)
+            stats = run_calibration(graph, data, cfg.calibration.batch_size)
             release_memory()
             return stats
 
@@ -126,9 +134,10 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2))
         release_memory()
         check = None
-        if reference.get("out") is not None and "qdq" in ctx.facts:
+        if "qdq" in ctx.facts:
             with torch.no_grad():
-                check = _output_check(reference["out"], gm(*check_batch), bundle.kind, check_batch[0].shape[0])
+                check = _output_check(_tensor_output(reference), gm(*check_batch), bundle.kind,
+                                      check_batch[0].shape[0])
 
         manifest = None
         if out is not None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from qfx.capture import ModelBundle
 from qfx.errors import CalibrationError
+from qfx.passes.observe import calibration_graph
 from qfx.spec import Calibration
 
 
@@ -150,21 +151,17 @@ def calibration_set(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     return from_text(cfg, bundle) if cfg.text else from_tokens(cfg, bundle)
 
 
-def run_calibration(gm: torch.nn.Module, data: CalibrationSet, batch_size: int, keep: int = 0
-                    ) -> tuple[dict, torch.Tensor | None]:
-    """Run every batch through `gm` (observers record ranges): the phase between observe and convert.
+def run_calibration(gm: torch.fx.GraphModule, data: CalibrationSet, batch_size: int) -> dict:
+    """Run every batch through the part of `gm` that feeds its observers, which record ranges.
 
-    Returns the stats and the output of the first `keep` samples; observers are identities,
-    so that is the float model's output, kept for the accuracy check at no extra cost."""
+    The phase between observe and convert."""
     from tqdm import tqdm
 
+    sliced = calibration_graph(gm)
     n_batches = (data.samples + batch_size - 1) // batch_size
-    kept = None
     with torch.no_grad():
         for batch in tqdm(data.batches(batch_size), total=n_batches, desc="calibrating", unit="batch",
                           disable=not sys.stderr.isatty(), leave=False):
-            out = gm(*batch)
-            if kept is None and keep:
-                kept = out[:keep].clone()
-            del out
-    return {"batches": n_batches, "samples": data.samples}, kept
+            sliced(*batch)
+    return {"batches": n_batches, "samples": data.samples, "nodes_run": len(sliced.graph.nodes),
+            "nodes_in_graph": len(gm.graph.nodes)}

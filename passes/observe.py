@@ -65,3 +65,19 @@ class Observe(Pass):
                 count += 1
         gm.recompile()
         return PassResult(gm, modified=count > 0, stats={"observers": count})
+
+
+def calibration_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The part of `gm` that feeds its observers, sharing gm's modules and tensors.
+
+    Calibration only needs the observers to see their inputs, so whatever runs after the
+    last observer (typically the LM head, a fifth of a small LLM's compute) is cut."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.graph_copy(gm.graph, env)
+    observers = [env[n] for n in gm.graph.nodes if observer_name(n)]
+    graph.output(tuple(observers))
+    sliced = torch.fx.GraphModule(gm, graph)
+    sliced.graph.eliminate_dead_code()
+    sliced.recompile()
+    return sliced
