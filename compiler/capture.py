@@ -146,13 +146,12 @@ def _user_frame(exc: BaseException) -> str:
 
 def export(bundle: ModelBundle, example: tuple) -> torch.fx.GraphModule:
     """torch.export (non-strict) with dynamic batch (and sequence for HF models), unlifted."""
-    if bundle.kind in ("causal_lm", "encoder"):
-        max_seq = getattr(getattr(bundle.hf_model, "config", None), "max_position_embeddings", None) or 65536
-        dims = {0: torch.export.Dim("batch", max=4096), 1: torch.export.Dim("seq", min=2, max=max_seq)}
-        dynamic = tuple(dims for _ in example)
-    else:
-        dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None
-                        for t in example)
+    # Dim.AUTO: batch and sequence stay dynamic, within whatever bounds the model's own code
+    # implies (e.g. BERT's position table), instead of failing on a guessed maximum.
+    dynamic = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+                    if isinstance(t, torch.Tensor) and t.ndim >= 2 and bundle.kind != "module"
+                    else ({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None)
+                    for t in example)
     with _module_stack(bundle.module) as stack:
         try:
             program = torch.export.export(bundle.module, example, dynamic_shapes=dynamic, strict=False)
