@@ -1,10 +1,12 @@
 """`qfx.compile`: spec -> capture -> passes (with calibration) -> artifact."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -72,7 +74,7 @@ def _tensor_output(out):
 
 def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
     figures = compare_outputs(reference, quantized, top1=kind == "causal_lm")
-    return {"inputs": f"the first calibration batch ({samples} samples)", **figures}
+    return {"inputs": f"the first {samples} calibration samples", **figures}
 
 
 def _model_record(bundle: ModelBundle, spec, out_dir: Path) -> dict:
@@ -106,24 +108,22 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     items = parse_pipeline(pipeline or DEFAULT_PIPELINE)
     out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
     force = force if force is not None else bool(cfg.output and cfg.output.force)
+    seconds: dict[str, float] = {}
 
     # Claim the output directory first: a bad path fails in a second, not after calibration.
     out = AtomicDir(out_path, force=force).__enter__() if out_path is not None else None
     try:
-        if model is not None:
-            bundle = wrap_module(model if example_inputs is None else (model, example_inputs))
-        elif cfg.model is not None:
-            bundle = load_model(cfg.model)
-        else:
-            raise ModelLoadError("no model: pass one to qfx.compile or set model.path / model.factory in the spec")
-        data = calibration_set(cfg.calibration, bundle)
-        gm = export(bundle, _example(data))
+        with _timed(seconds, "load"):
+            bundle = _bundle(model, example_inputs, cfg)
+            data = calibration_set(cfg.calibration, bundle)
+        with _timed(seconds, "export"):
+            gm = export(bundle, _example(data))
         linears = _linears(gm, bundle.root_prefix)
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
 
         check_batch = next(data.batches(CHECK_SAMPLES))
         with torch.no_grad():  # the eager model computes exactly what the captured graph does
-            reference = bundle.module(*check_batch)
+            reference = _tensor_output(bundle.module(*check_batch))
 
         def calibrate(graph):
             stats = run_calibration(graph, data, cfg.calibration.batch_size)
@@ -131,44 +131,75 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             return stats
 
         ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, calibrate=calibrate)
-        gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2))
+        with _timed(seconds, "passes"):
+            gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2))
         release_memory()
         check = None
         if "qdq" in ctx.facts:
-            with torch.no_grad():
-                check = _output_check(_tensor_output(reference), gm(*check_batch), bundle.kind,
-                                      check_batch[0].shape[0])
+            with _timed(seconds, "check"), torch.no_grad():
+                check = _output_check(reference, _tensor_output(gm(*check_batch)), bundle.kind, check_batch[0].shape[0])
 
         manifest = None
         if out is not None:
-            header = {
-                "generator": "qfx",
-                "versions": {"qfx": __version__, "torch": torch.__version__.split("+")[0]},
-                "model": _model_record(bundle, cfg, out.target),
-                "spec_sha256": hashlib.sha256(loaded.raw_text).hexdigest(),
-                "target": cfg.target.value,
-                "pipeline": format_pipeline(items),
-                "calibration": {"description": data.description, "sha256": data.sha256(),
-                                "samples": data.samples, "batch_size": cfg.calibration.batch_size},
-                "check": check,
-            }
-            if bundle.hf_model is not None:
-                import transformers
-                header["versions"]["transformers"] = transformers.__version__
-            root = bundle.module
-
-            def fp_weight(path: str):
-                return root.get_submodule(bundle.root_prefix + path).weight.detach()
-
-            manifest = emit_artifact(
-                out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
-                linear_paths=[l.path for l in linears],
-                hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
-                model_dir=bundle.model_dir, fp_weight=fp_weight, header=header)
-            out.commit()
-        return CompileResult(gm, plan, manifest, out.target if out else None, dict(ctx.stats, check=check))
-    except OSError as exc:
-        raise OutputError(f"writing the artifact failed: {exc}") from None
+            with _timed(seconds, "emit"):
+                header = _header(bundle, loaded, items, data, check, out.target)
+                manifest = _emit(out, gm, plan, bundle, linears, header)
+        return CompileResult(gm, plan, manifest, out.target if out else None,
+                             dict(ctx.stats, check=check, seconds=seconds))
     finally:
         if out is not None:
             out.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def _bundle(model, example_inputs, cfg) -> ModelBundle:
+    if model is not None:
+        return wrap_module(model if example_inputs is None else (model, example_inputs))
+    if cfg.model is not None:
+        return load_model(cfg.model)
+    raise ModelLoadError("no model: pass one to qfx.compile or set model.path / model.factory in the spec")
+
+
+def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet, check, out_dir: Path) -> dict:
+    """The manifest's build record: sources, versions, pipeline, calibration, accuracy check."""
+    cfg = loaded.spec
+    versions = {"qfx": __version__, "torch": torch.__version__.split("+")[0]}
+    if bundle.hf_model is not None:
+        import transformers
+        versions["transformers"] = transformers.__version__
+    return {
+        "generator": "qfx",
+        "versions": versions,
+        "model": _model_record(bundle, cfg, out_dir),
+        "spec_sha256": hashlib.sha256(loaded.raw_text).hexdigest(),
+        "target": cfg.target.value,
+        "pipeline": format_pipeline(items),
+        "calibration": {"description": data.description, "sha256": data.sha256(),
+                        "samples": data.samples, "batch_size": cfg.calibration.batch_size},
+        "check": check,
+    }
+
+
+def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict) -> dict:
+    def fp_weight(path: str):
+        return bundle.module.get_submodule(bundle.root_prefix + path).weight.detach()
+
+    try:
+        manifest = emit_artifact(
+            out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
+            linear_paths=[layer.path for layer in linears],
+            hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
+            model_dir=bundle.model_dir, fp_weight=fp_weight, header=header)
+        out.commit()
+    except OSError as exc:
+        raise OutputError(f"writing the artifact to {out.target} failed: {exc}",
+                          hint="check free disk space and permissions") from None
+    return manifest

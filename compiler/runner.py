@@ -3,6 +3,7 @@ and turn a failing pass into a PassFailure that names it and leaves a reproducer
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -46,12 +47,14 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
         if item == CALIBRATE:
             if "observed" not in ctx.facts:
                 raise PassFailure("calibrate needs observers: put 'observe' before it in the pipeline")
-            ctx.stats[CALIBRATE] = ctx.calibrate(gm)
+            start = time.perf_counter()
+            ctx.stats[CALIBRATE] = dict(ctx.calibrate(gm), seconds=round(time.perf_counter() - start, 3))
             ctx.facts.add("calibrated")
             continue
         missing = item.requires - ctx.facts
         if missing:
             raise PassFailure(f"pass {item.name} needs {sorted(missing)} first; pipeline: {pipeline}")
+        start = time.perf_counter()
         try:
             result = item.run(gm, ctx)
             if verify:
@@ -70,5 +73,6 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
                               hint=f"this is a qfx bug; the reproducer is in {folder}") from exc
         gm = result.gm
         ctx.facts |= item.produces
-        ctx.stats[item.name] = {"modified": result.modified, **result.stats}
+        ctx.stats[item.name] = {"modified": result.modified, **result.stats,
+                                "seconds": round(time.perf_counter() - start, 3)}
     return gm
