@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from qfx import __version__
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, export, load_model, wrap_module

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from qfx.capture import ModelBundle
 from qfx.errors import CalibrationError
 from qfx.passes.observe import calibration_graph

@@ -8,6 +8,10 @@ import traceback
 from pathlib import Path
 
 import torch
+
+import qfx.lowering
+import qfx.passes
+import qfx.runtime
 from qfx.errors import ExportError, ModelLoadError
 from qfx.spec import ModelSource
 
@@ -135,23 +139,34 @@ def _module_stack(root: torch.nn.Module):
         h2.remove()
 
 
+# Frames in these folders are torch's or qfx's own, never the line of the model that broke.
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) + "/"
+                      for m in (torch, qfx.passes, qfx.lowering, qfx.runtime)) + (str(Path(__file__).parent.resolve()) + "/",)
+
+
 def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and qfx: usually the model line that broke."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/qfx/" not in f.filename and "/compiler/" not in f.filename]
+              if not str(Path(f.filename).resolve()).startswith(_LIBRARY_DIRS)]
     if not frames:
         return ""
     f = frames[-1]
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
+def _dynamic_dims(t, kind: str) -> dict | None:
+    """Dim.AUTO keeps batch (and an HF model's sequence) dynamic within whatever bounds the
+    model's own code implies (e.g. BERT's position table), instead of failing on a guessed maximum."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return None
+    if kind != "module" and t.ndim >= 2:
+        return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    return {0: torch.export.Dim.AUTO}
+
+
 def export(bundle: ModelBundle, example: tuple) -> torch.fx.GraphModule:
     """torch.export (non-strict) with dynamic batch (and sequence for HF models), unlifted."""
-    # Dim.AUTO: batch and sequence stay dynamic, within whatever bounds the model's own code
-    # implies (e.g. BERT's position table), instead of failing on a guessed maximum.
-    dynamic = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
-                    if isinstance(t, torch.Tensor) and t.ndim >= 2 and bundle.kind != "module"
-                    else ({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim else None)
-                    for t in example)
+    dynamic = tuple(_dynamic_dims(t, bundle.kind) for t in example)
     with _module_stack(bundle.module) as stack:
         try:
             program = torch.export.export(bundle.module, example, dynamic_shapes=dynamic, strict=False)

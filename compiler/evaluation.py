@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from qfx.capture import load_factory, load_hf
 from qfx.errors import ModelLoadError, UserError
 from qfx.runtime import load

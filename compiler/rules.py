@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 
 import pydantic
+
 from qfx.errors import SpecError
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, QDType, TensorFormat
 from qfx.spec import ROLES, DType, Target, TensorScheme, overlay, role_problem

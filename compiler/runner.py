@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from qfx.errors import PassFailure, QfxError
 from qfx.passes.base import Pass, PassContext
 from qfx.passes.meta import ROLE_KEY

@@ -11,6 +11,7 @@ import enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from qfx.runtime.formats import Granularity, ObserverKind
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydantic
 import yaml
+
 from qfx.errors import SpecError
 from qfx.spec import Spec
 

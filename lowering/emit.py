@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
+
 from qfx.lowering.manifest import layer_record, render_report, sha256_file, write_json
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.runtime.formats import LayerQuant
-from safetensors.torch import save_file
 
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",

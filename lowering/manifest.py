@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, LayerQuant
 

@@ -6,6 +6,7 @@ import collections
 import fnmatch
 
 import torch
+
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, TensorFormat
 from qfx.runtime.layout import layer_to_artifact
 

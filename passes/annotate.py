@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.meta import module_path, set_quant
 from qfx.runtime.errors import PassFailure

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar
 
 import torch.fx
+
 from qfx.runtime.formats import LayerQuant
 
 

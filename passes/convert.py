@@ -12,6 +12,7 @@ import dataclasses
 import operator
 
 import torch
+
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.meta import copy_meta, get_quant

@@ -5,6 +5,7 @@ Keys are namespaced and values are frozen dataclasses, so a pass cannot half-upd
 from __future__ import annotations
 
 import torch.fx
+
 from qfx.runtime.formats import LayerQuant
 
 QUANT_KEY = "qfx.quant"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.meta import copy_meta, get_quant

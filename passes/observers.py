@@ -7,6 +7,7 @@ with the layer and the batch that produced it.
 from __future__ import annotations
 
 import torch
+
 from qfx.runtime.errors import CalibrationError
 from qfx.runtime.formats import ObserverKind, TensorFormat
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from qfx.runtime.numerics import sum_squares
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids -> [1, L, vocab] logits

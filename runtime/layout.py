@@ -9,6 +9,7 @@ here so they cannot drift apart.
 from __future__ import annotations
 
 import torch
+
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, QDType, TensorFormat
 

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import LayerFormat
 from qfx.runtime.layout import layer_from_artifact
 from qfx.runtime.quant_linear import QuantLinear
-from safetensors.torch import load_file
 
 MODEL_FILE = "model.safetensors"
 

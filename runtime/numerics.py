@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from qfx.runtime.formats import Granularity, QDType, TensorFormat
 
 # Smallest scale we emit: keeps all-zero tensors finite without changing any real range.

@@ -7,6 +7,7 @@ QuantizeLinear / DequantizeLinear (axis, block size) so an ONNX emitter maps the
 from __future__ import annotations
 
 import torch
+
 from qfx.runtime import numerics
 from qfx.runtime.formats import QDType
 

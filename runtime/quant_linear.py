@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from qfx.runtime import ops
 from qfx.runtime.formats import LayerFormat, TensorFormat
 from qfx.runtime.numerics import weight_axis

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
-import qfx
 from conftest import ROOT, TINYSTORIES, needs_shared, tiny_spec
+
+import qfx
 from qfx.errors import CalibrationError, ExportError, ModelLoadError, OutputError, SpecError
 
 TESTS = ROOT / "tests"

@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import pytest
-import qfx
-import qfx.runtime
 import torch
 from conftest import ROOT, TINYSTORIES_TEXT, needs_shared, tiny_spec
 from safetensors import safe_open
+
+import qfx
+import qfx.runtime
 
 TINY_SPECS = sorted((ROOT / "specs").glob("tiny-*.yaml"))
 

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_spec
 from safetensors.torch import save_file
 
 import qfx
-from conftest import tiny_spec
 from qfx.errors import CalibrationError
 from qfx.passes.observers import MinMaxObserver, MovingAverageObserver, PercentileObserver
 from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat

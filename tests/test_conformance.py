@@ -8,11 +8,12 @@ import os
 import subprocess
 
 import pytest
-import qfx
-import qfx.runtime
 import torch
 from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT, tiny_spec
 from safetensors.torch import load_file, save_file
+
+import qfx
+import qfx.runtime
 
 pytestmark = pytest.mark.conformance
 QUARK_PYTHON = os.environ.get("QFX_QUARK_PYTHON")

@@ -5,7 +5,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import ROOT
 
 # folder -> the qfx packages it may import (compiler -> passes -> lowering -> runtime)

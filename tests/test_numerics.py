@@ -2,6 +2,7 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qfx.runtime import numerics
 from qfx.runtime.formats import Granularity, QDType, TensorFormat
 from qfx.runtime.layout import pack_quark_int4, unpack_quark_int4

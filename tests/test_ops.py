@@ -1,5 +1,6 @@
 """The qfx:: custom ops: registered schemas, fake kernels and export round trips."""
 import torch
+
 from qfx.runtime import ops
 
 

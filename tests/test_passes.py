@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_spec
+
 from qfx.build import _linears
 from qfx.calib_data import calibration_set, run_calibration
 from qfx.capture import export, wrap_module

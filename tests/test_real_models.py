@@ -5,9 +5,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import qfx
 import torch
 from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, needs_shared
+
+import qfx
 from qfx.runtime.evaluate import mean_cosine, mean_pooled, perplexity
 
 pytestmark = [pytest.mark.slow, needs_shared]

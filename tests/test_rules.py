@@ -1,6 +1,7 @@
 """Rule semantics: exclude wins, rules overlay field by field in file order, null switches off,
 and a pattern that matches nothing is an error with the spec line and the nearest names."""
 import pytest
+
 from qfx.errors import SpecError
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runtime.formats import Granularity, QDType

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from conftest import ROOT
+
 from qfx.errors import SpecError
 from qfx.spec import spec_json_schema
 from qfx.spec_loader import load_spec
