@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from qfx.lowering.manifest import layer_record, render_report, sha256_file, write_json
 from qfx.lowering.quark import artifact_tensors, quantization_config
+from qfx.lowering.safetensors_writer import write_safetensors
 from qfx.runtime.formats import LayerQuant
 
 MODEL_FILE = "model.safetensors"
@@ -28,8 +28,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict) -> dict:
     tensors, aliases = artifact_tensors(gm, plan, root_prefix)
-    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})  # one key: safetensors
-    # writes metadata in hash order, so a second key would make two builds differ
+    write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"})
     del tensors
     files = [MODEL_FILE]
     if hf_config is not None:
