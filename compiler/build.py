@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import os
@@ -17,6 +16,7 @@ from qfx.capture import ModelBundle, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError
 from qfx.lowering import AtomicDir, emit_artifact
 from qfx.lowering.manifest import sha256_file
+from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import module_path
@@ -50,14 +50,6 @@ def _linears(gm: torch.fx.GraphModule, prefix: str) -> list[LinearInfo]:
 # The accuracy check of a build compares float and quantized outputs on this many calibration
 # samples: enough to catch a broken build, cheap next to calibration.
 CHECK_SAMPLES = 2
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps large freed blocks, inflating peak RSS)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _example(data: CalibrationSet) -> tuple:
