@@ -16,19 +16,19 @@ from qfx.runtime.formats import LayerFormat, QDType, TensorFormat
 ROLES = ("weight", "input", "output")
 
 
-def _is_fnuz(fmt: TensorFormat | None) -> bool:
-    return fmt is not None and fmt.dtype is QDType.fp8_e4m3fnuz
+def _stored_tensors(fmt: LayerFormat):
+    """(role, format, scale key, zero-point key) of each tensor whose qparams are stored."""
+    for role in ROLES:
+        tf: TensorFormat | None = getattr(fmt, role)
+        if tf is not None and not tf.dynamic:
+            yield role, tf, f"{role}_scale", f"{role}_zero_point"
 
 
 def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:
     """One layer's graph buffers (keys 'weight', 'weight_scale', ...) in artifact form."""
     out = dict(tensors)
-    for role in ROLES:
-        tf: TensorFormat | None = getattr(fmt, role)
-        if tf is None or tf.dynamic:
-            continue
-        scale_key, zp_key = f"{role}_scale", f"{role}_zero_point"
-        if _is_fnuz(tf):
+    for role, tf, scale_key, zp_key in _stored_tensors(fmt):
+        if tf.dtype is QDType.fp8_e4m3fnuz:
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fnuz_to_fn(out["weight"], out[scale_key])
             else:
@@ -44,15 +44,11 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
 def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:
     """The inverse of `layer_to_artifact`."""
     out = dict(tensors)
-    for role in ROLES:
-        tf: TensorFormat | None = getattr(fmt, role)
-        if tf is None or tf.dynamic:
-            continue
-        scale_key, zp_key = f"{role}_scale", f"{role}_zero_point"
+    for role, tf, scale_key, zp_key in _stored_tensors(fmt):
         if role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = unpack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key], tf.dtype)
-        if _is_fnuz(tf):
+        if tf.dtype is QDType.fp8_e4m3fnuz:
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fn_to_fnuz(out["weight"], out[scale_key])
             else:
