@@ -28,7 +28,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict) -> dict:
     tensors, aliases = artifact_tensors(gm, plan, root_prefix)
-    write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"})
+    model_sha256 = write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"})
     del tensors
     files = [MODEL_FILE]
     if hf_config is not None:
@@ -45,7 +45,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                           for path, quant in plan.items()}
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
     manifest["tied"] = aliases
-    manifest["artifact"] = {name: sha256_file(folder / name) for name in sorted(files)}
+    manifest["artifact"] = {name: model_sha256 if name == MODEL_FILE else sha256_file(folder / name)
+                            for name in sorted(files)}
     write_json(folder / "manifest.json", manifest)
     (folder / "report.md").write_text(render_report(manifest))
     return manifest

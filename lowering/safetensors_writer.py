@@ -6,6 +6,7 @@ The format: an 8-byte little-endian header length, a JSON header (names, dtypes,
 offsets; padded with spaces to 8-byte alignment), then the raw little-endian data."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -17,8 +18,9 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Tensors are written in name order, so the same tensors always give the same bytes."""
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write tensors in name order (the same tensors always give the same bytes); return the
+    file's sha256, computed on the way out rather than by reading the file back."""
     names = sorted(tensors)
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -31,9 +33,16 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+
+    def emit(f, data) -> None:
+        digest.update(data)
+        f.write(data)
+
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
+        emit(f, struct.pack("<Q", len(text)))
+        emit(f, text)
         for name in names:
             t = tensors[name].detach().contiguous().reshape(-1)
-            f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+            emit(f, t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()

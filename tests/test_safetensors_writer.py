@@ -1,4 +1,6 @@
 """The streaming safetensors writer gives files the safetensors library reads back exactly."""
+import hashlib
+
 import torch
 from safetensors import safe_open
 
@@ -17,7 +19,8 @@ def test_round_trip_every_dtype_and_shape(tmp_path):
         "h.view": torch.randn(4, 6).t(),  # non-contiguous
     }
     path = tmp_path / "m.safetensors"
-    write_safetensors(path, tensors, {"format": "pt"})
+    digest = write_safetensors(path, tensors, {"format": "pt"})
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert sorted(f.keys()) == sorted(tensors)
