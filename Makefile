@@ -45,7 +45,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not conformance"
 
 bench: setup
-	$(PY) bench/compile.py
+	$(PY) bench/compile.py --repeats 3
 
 clean:
 	rm -rf out .pytest_cache

@@ -13,7 +13,7 @@ import torch
 from qfx import __version__
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, export, load_model, wrap_module
-from qfx.errors import ModelLoadError, OutputError
+from qfx.errors import ModelLoadError, OutputError, UserError
 from qfx.lowering import AtomicDir, emit_artifact
 from qfx.lowering.manifest import sha256_file
 from qfx.memory import release_memory
@@ -80,7 +80,7 @@ def _model_record(bundle: ModelBundle, spec, out_dir: Path) -> dict:
     digest = hashlib.sha256()
     for name, t in sorted(bundle.module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(t.detach().contiguous().view(torch.uint8).numpy())  # hashed in place
+        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place
     record = {"kind": bundle.kind, "name": type(bundle.hf_model or bundle.module).__name__,
               "state_sha256": digest.hexdigest()}
     if spec.model is not None and spec.model.factory:
@@ -101,6 +101,9 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     items = parse_pipeline(pipeline or DEFAULT_PIPELINE)
     out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
     force = force if force is not None else bool(cfg.output and cfg.output.force)
+    if out_path is not None and not any(getattr(i, "name", None) == "convert" for i in items):
+        raise UserError(f"pipeline {format_pipeline(items)!r} has no convert, so there is no quantized graph "
+                        "to write", hint="add convert (and freeze), or build without an output directory")
     seconds: dict[str, float] = {}
 
     # Claim the output directory first: a bad path fails in a second, not after calibration.
@@ -125,7 +128,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
 
         ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, calibrate=calibrate)
         with _timed(seconds, "passes"):
-            gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2))
+            gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
         release_memory()
         check = None
         if "qdq" in ctx.facts:
@@ -195,4 +198,6 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
     except OSError as exc:
         raise OutputError(f"writing the artifact to {out.target} failed: {exc}",
                           hint="check free disk space and permissions") from None
+    except ValueError as exc:  # a tensor the artifact format cannot hold
+        raise OutputError(f"cannot write the artifact: {exc}") from None
     return manifest

@@ -33,7 +33,7 @@ class CalibrationSet:
         digest = hashlib.sha256()
         for t in self.inputs:
             digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update(t.contiguous().view(torch.uint8).numpy())
+            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
 
@@ -77,6 +77,12 @@ def from_text(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
                 hint="lower calibration.samples or seq_len, or give a longer text")
         inputs = (ids[:need].reshape(cfg.samples, cfg.seq_len),)
     else:
+        if bundle.kind == "causal_lm":
+            raise CalibrationError("calibration.split: lines pads samples, which is for encoders; a causal LM "
+                                   "calibrates on the text as one token stream", hint="use split: document")
+        if tok.pad_token is None:
+            raise CalibrationError(f"the tokenizer of {bundle.model_dir} has no pad token, so lines cannot be padded",
+                                   hint="use split: document")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if len(lines) < cfg.samples:
             raise CalibrationError(f"calibration text {path} has {len(lines)} non-empty lines, fewer than "

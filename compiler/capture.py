@@ -52,9 +52,6 @@ class ModelBundle:
     example_inputs: tuple | None = None  # factory models only
     vocab_size: int | None = None
 
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return {"causal_lm": ("input_ids",), "encoder": ("input_ids", "attention_mask")}.get(self.kind, ())
 
 
 def _hf_kind(config, model: torch.nn.Module | None = None) -> str:

@@ -44,7 +44,7 @@ def _eval(args) -> int:
         print(json.dumps(figures, indent=2, sort_keys=True))
         return 0
     for key, value in figures.items():
-        print(f"{key:>24}: {value:.6g}" if isinstance(value, float) else f"{key:>24}: {value}")
+        print(f"{key:>30}: {value:.6g}" if isinstance(value, float) else f"{key:>30}: {value}")
     return 0
 
 
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of float vs quantized, logits error and top-1 agreement")
     e.add_argument("dir")
     e.add_argument("--text", required=True, help="UTF-8 text, tokenized whole with the artifact's tokenizer")
-    e.add_argument("--window", type=int, default=256, help="tokens per non-overlapping window (default 256)")
+    e.add_argument("--window", type=int, default=256, help="tokens per non-overlapping window (default 256, at least 2)")
     e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)

@@ -31,20 +31,28 @@ def token_stream(folder: Path, text_path: Path) -> torch.Tensor:
     if not text_path.is_file():
         raise UserError(f"evaluation text not found: {text_path}")
     try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"evaluation text {text_path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
         raise UserError(f"{folder} has no tokenizer files, so it cannot tokenize {text_path.name}",
                         hint="build from a model directory that has tokenizer.json") from None
-    return tok(text_path.read_text(encoding="utf-8"), return_tensors="pt", verbose=False)["input_ids"][0]
+    return tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
 
 
 def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_tokens: int | None = None) -> dict:
     manifest = read_manifest(folder)
     if manifest["model"]["kind"] != "causal_lm":
         raise UserError("qfx eval measures perplexity, so it needs a causal LM artifact")
+    if window < 2:
+        raise UserError(f"--window must be at least 2 tokens, got {window}")
     ids = token_stream(folder, text_path)
-    if max_tokens:
+    if max_tokens is not None:
         ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise UserError(f"{text_path.name} gives {ids.numel()} token(s); perplexity needs at least 2")
     quantized = load(folder)
     figures: dict = {"tokens": None}
     q = perplexity(lambda x: quantized(x).logits, ids, window)
@@ -52,7 +60,9 @@ def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_toke
     figures["quantized_perplexity"] = q["perplexity"]
     reference = float_model(folder, manifest)
     if reference is None:
-        figures["float_perplexity"] = "unavailable (the source model is not where the manifest says)"
+        figures["float_perplexity"] = None
+        figures["note"] = ("no float reference: the artifact was built from a model in memory, or its source "
+                           f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded")
         return figures
     fp = perplexity(lambda x: reference(input_ids=x, use_cache=False).logits, ids, window)
     figures["float_perplexity"] = fp["perplexity"]

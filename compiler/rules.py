@@ -37,7 +37,7 @@ def _unmatched(pattern: str, loc: tuple, source: SpecSource, paths: list[str]) -
                           "on the full module path, e.g. '*k_proj'")
 
 
-def to_format(scheme: TensorScheme, role: str, target: Target) -> TensorFormat:
+def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
     if scheme.dtype is DType.fp8_e4m3:
         dtype = QDType.fp8_e4m3fnuz if target is Target.gfx942 else QDType.fp8_e4m3fn
     else:
@@ -103,7 +103,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                                 f"axis (Quark's layout), but {layer.path} has out_features "
                                 f"{layer.out_features}, not a multiple of 8", where=where,
                                 hint="exclude the layer or quantize it to int8")
-            formats[role] = to_format(scheme, role, target)
+            formats[role] = to_format(scheme, target)
         fmt = LayerFormat(**formats)
         if fmt.tensors:
             plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied))

@@ -36,8 +36,9 @@ def write_reproducer(gm: torch.fx.GraphModule, pipeline: str, spec_json: str | N
     if spec_json is not None:
         (folder / "spec.json").write_text(spec_json)
     (folder / "README.txt").write_text(
-        f"Pass '{failed}' failed. graph.py is the graph it was given; rerun with\n"
-        f"  qfx build spec.json --pipeline '{pipeline}'\n")
+        f"Pass '{failed}' failed. graph.py is the graph it was given. spec.json is the build's spec\n"
+        "without its output (a model passed to qfx.compile is not in it); rerun with\n"
+        f"  qfx build spec.json -o /tmp/qfx-repro-out --pipeline '{pipeline}'\n")
     return folder
 
 
@@ -49,7 +50,15 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
             if "observed" not in ctx.facts:
                 raise PassFailure("calibrate needs observers: put 'observe' before it in the pipeline")
             start = time.perf_counter()
-            ctx.stats[CALIBRATE] = dict(ctx.calibrate(gm), seconds=round(time.perf_counter() - start, 3))
+            try:
+                stats = ctx.calibrate(gm)
+            except QfxError:
+                raise
+            except Exception as exc:
+                folder = write_reproducer(gm, pipeline, spec_json, CALIBRATE)
+                raise PassFailure(f"calibration failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
+                                  hint=f"the reproducer is in {folder}") from exc
+            ctx.stats[CALIBRATE] = dict(stats, seconds=round(time.perf_counter() - start, 3))
             ctx.facts.add("calibrated")
             continue
         missing = item.requires - ctx.facts

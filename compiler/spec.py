@@ -185,13 +185,8 @@ class Calibration(_Model):
         return self
 
 
-class OutputFormat(str, enum.Enum):
-    safetensors = "safetensors"
-
-
 class Output(_Model):
     dir: str
-    formats: list[OutputFormat] = Field(default_factory=lambda: [OutputFormat.safetensors])
     force: bool = Field(default=False, description="replace an existing directory that qfx did not write")
 
 

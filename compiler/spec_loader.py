@@ -41,7 +41,6 @@ class SpecSource:
 class LoadedSpec:
     spec: Spec
     source: SpecSource
-    base_dir: Path  # what relative paths were resolved against
     raw_text: bytes = b""  # the spec file's bytes (hashed into the manifest)
 
 
@@ -87,7 +86,7 @@ def _model_at(loc: Loc):
 
 def _explain(err: dict) -> str:
     loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "extra_forbidden" and loc:
         model = _model_at(loc[:-1])
         allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else "?"
         return f"unknown field {loc[-1]!r}; allowed here: {allowed}"
@@ -98,8 +97,8 @@ def _explain(err: dict) -> str:
 
 
 def _clean_loc(loc: Loc) -> Loc:
-    """Drop pydantic's union-branch names (e.g. 'TensorScheme', 'function-after[...]') from a loc."""
-    return tuple(p for p in loc if isinstance(p, int) or (p[:1].islower() and "[" not in p))
+    """Drop pydantic's validator and union tags (e.g. 'function-before[...]', 'list[str]') from a loc."""
+    return tuple(p for p in loc if isinstance(p, int) or not p.endswith("]"))
 
 
 def validate(data, source: SpecSource) -> Spec:
@@ -132,12 +131,13 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
 def load_spec(spec) -> LoadedSpec:
     """A Spec from a path (YAML or JSON), a dict, or a Spec; relative paths made absolute."""
     if isinstance(spec, Spec):
-        return LoadedSpec(_resolve_paths(spec, Path.cwd()), SpecSource(), Path.cwd(),
-                          spec.model_dump_json().encode())
+        return LoadedSpec(_resolve_paths(spec, Path.cwd()), SpecSource(), spec.model_dump_json().encode())
     if isinstance(spec, dict):
         source = SpecSource()
-        return LoadedSpec(_resolve_paths(validate(spec, source), Path.cwd()), source, Path.cwd(),
+        return LoadedSpec(_resolve_paths(validate(spec, source), Path.cwd()), source,
                           Spec.model_validate(spec).model_dump_json().encode())
+    if not isinstance(spec, (str, os.PathLike)):
+        raise SpecError(f"a spec is a path, a dict or a qfx.Spec, got {type(spec).__name__}")
     path = Path(spec)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}", hint="give the path of a .yaml or .json spec")
@@ -159,4 +159,4 @@ def load_spec(spec) -> LoadedSpec:
     _marks(node, (), marks)
     source = SpecSource(str(path), marks)
     base = path.resolve().parent
-    return LoadedSpec(_resolve_paths(validate(data, source), base), source, base, raw)
+    return LoadedSpec(_resolve_paths(validate(data, source), base), source, raw)

@@ -35,9 +35,13 @@ class AtomicDir:
         target = self.target
         if target.exists() and not target.is_dir():
             raise OutputError(f"output path {target} exists and is a file", hint="choose a directory path")
-        if target.is_dir() and any(target.iterdir()) and not made_by_qfx(target) and not self.force:
-            raise OutputError(f"output directory {target} exists and was not written by qfx",
-                              hint="choose another output.dir, or pass --force (force: true) to replace it")
+        if target.is_dir() and any(target.iterdir()) and not made_by_qfx(target):
+            if not self.force:
+                raise OutputError(f"output directory {target} exists and was not written by qfx",
+                                  hint="choose another output.dir, or pass --force (force: true) to replace it")
+            if Path.cwd().resolve().is_relative_to(target) or target == Path(target.anchor):
+                raise OutputError(f"refusing to replace {target}: it holds the current directory",
+                                  hint="give output.dir a directory of its own")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qfx-tmp-", dir=target.parent))
@@ -46,15 +50,18 @@ class AtomicDir:
                               hint="choose a writable output.dir (or -o DIR)") from None
         return self
 
-    def path(self, name: str) -> Path:
-        return self.tmp / name
-
     def commit(self) -> None:
         old = None
         if self.target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.qfx-old-", dir=self.target.parent))
             os.rename(self.target, old / "replaced")
-        os.rename(self.tmp, self.target)
+        try:
+            os.rename(self.tmp, self.target)
+        except OSError:
+            if old is not None:  # put the previous artifact back
+                os.rename(old / "replaced", self.target)
+                old.rmdir()
+            raise
         self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

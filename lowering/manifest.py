@@ -36,12 +36,13 @@ def layer_record(quant: LayerQuant, buffers: dict[str, torch.Tensor], fp_weight:
         w = fmt.weight
         dq = numerics.dequantize(buffers["weight"], buffers["weight_scale"], buffers.get("weight_zero_point"),
                                  w.dtype, numerics.weight_axis(w), w.group_size)
-        record["weight_sqnr_db"] = round(numerics.sqnr_db(fp_weight, dq), 3)
+        sqnr = numerics.sqnr_db(fp_weight, dq)
+        record["weight_sqnr_db"] = round(sqnr, 3) if sqnr != float("inf") else None  # None: exact
     return record
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _fmt_cell(fmt) -> str:
@@ -68,7 +69,8 @@ def render_report(manifest: dict) -> str:
     for path, rec in manifest["layers"].items():
         fmt = LayerFormat.from_json(rec["format"])
         scale = rec.get("weight_scale_range")
+        sqnr = rec.get("weight_sqnr_db", "—")
         lines.append(f"| `{path}` | {'; '.join(rec['rules'])} | {_fmt_cell(fmt.weight)} | {_fmt_cell(fmt.input)} | "
-                     f"{_fmt_cell(fmt.output)} | {rec.get('weight_sqnr_db', '—')} | "
+                     f"{_fmt_cell(fmt.output)} | {'exact' if sqnr is None else sqnr} | "
                      f"{'—' if scale is None else f'{scale[0]:.3g} … {scale[1]:.3g}'} |")
     return "\n".join(lines) + "\n"

@@ -58,10 +58,20 @@ def quantization_config(plan: dict[str, LayerQuant], linear_paths: list[str]) ->
     counts = collections.Counter(q.fmt for q in plan.values())
     common = counts.most_common(1)[0][0] if counts else LayerFormat()
     kv_layers = sorted(p for p, q in plan.items() if q.fmt.output is not None)
-    kv_group = list(KV_PATTERNS) if kv_layers and all(
-        any(fnmatch.fnmatchcase(p, pat) for pat in KV_PATTERNS) for p in kv_layers) else kv_layers
-    layer_config = {p: quark_layer_config(q.fmt) for p, q in plan.items() if q.fmt != common}
-    kv_config = {p: quark_layer_config(plan[p].fmt) for p in kv_layers}
+    # vLLM looks the KV cache up by the kv_cache_group keys in layer_quant_config, so when every
+    # k_proj (v_proj) shares one format the config says so under Quark's own pattern.
+    by_pattern = {pat: {plan[p].fmt for p in plan if fnmatch.fnmatchcase(p, pat)} for pat in KV_PATTERNS}
+    patterned = bool(kv_layers) and all(any(fnmatch.fnmatchcase(p, pat) for pat in KV_PATTERNS) for p in kv_layers) \
+        and all(len(fmts) == 1 for fmts in by_pattern.values())
+    if patterned:
+        kv_config = {pat: quark_layer_config(next(iter(by_pattern[pat]))) for pat in KV_PATTERNS}
+        covered = {p for p in plan if any(fnmatch.fnmatchcase(p, pat) for pat in KV_PATTERNS)}
+    else:
+        kv_config = {p: quark_layer_config(plan[p].fmt) for p in kv_layers}
+        covered = set()
+    layer_config = {p: quark_layer_config(q.fmt) for p, q in plan.items() if q.fmt != common and p not in covered}
+    layer_config.update(kv_config)
+    kv_group = list(kv_config)
     return {
         "quant_method": "quark",
         "quant_mode": "eager_mode",

@@ -29,6 +29,12 @@ class Observe(Pass):
     percentile: float = 99.99  # for `percentile` observers: the upper percentile of each batch
     averaging_constant: float = 0.1  # for `moving_average` observers
 
+    def __post_init__(self):
+        if not 50 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0 < self.averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {self.averaging_constant}")
+
     def _observer(self, fmt, where):
         return make_observer(fmt, where, percentile=self.percentile,
                              averaging_constant=self.averaging_constant)

@@ -14,6 +14,7 @@ from qfx.passes.base import Pass
 from qfx.passes.convert import Convert
 from qfx.passes.freeze import Freeze
 from qfx.passes.observe import Observe
+from qfx.runtime.errors import UserError
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Observe, Convert, Freeze)}
 CALIBRATE = "calibrate"
@@ -22,20 +23,20 @@ DEFAULT_PIPELINE = "annotate,observe,calibrate,convert,freeze"
 _ITEM = re.compile(r"\s*([a-z_]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
 
-class PipelineSyntaxError(ValueError):
-    pass
+class PipelineSyntaxError(UserError):
+    """A pipeline string qfx cannot read: unknown pass, option or value."""
 
 
-def _parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def _parse_value(text: str, kind: type, where: str):
+    """`text` as the option's declared type (bool, int, float or str)."""
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise PipelineSyntaxError(f"{where} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise PipelineSyntaxError(f"{where} takes a {kind.__name__}, got {text!r}") from None
 
 
 def parse_pipeline(text: str) -> list[Pass | str]:
@@ -56,14 +57,17 @@ def parse_pipeline(text: str) -> list[Pass | str]:
         if name not in PASSES:
             raise PipelineSyntaxError(f"unknown pass {name!r}; passes are: {', '.join(PASSES)}, {CALIBRATE}")
         cls = PASSES[name]
-        fields = {f.name for f in dataclasses.fields(cls)}
+        types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
         kwargs = {}
         for pair in filter(None, (p.strip() for p in (opts or "").split(","))):
-            key, sep, value = pair.partition("=")
-            if not sep or key.strip() not in fields:
-                raise PipelineSyntaxError(f"pass {name} has no option {key.strip()!r}; options: {sorted(fields) or 'none'}")
-            kwargs[key.strip()] = _parse_value(value.strip())
-        items.append(cls(**kwargs))
+            key, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or key not in types:
+                raise PipelineSyntaxError(f"pass {name} has no option {key!r}; options: {sorted(types) or 'none'}")
+            kwargs[key] = _parse_value(value, types[key], f"option {name}{{{key}}}")
+        try:
+            items.append(cls(**kwargs))
+        except ValueError as exc:
+            raise PipelineSyntaxError(f"pass {name}: {exc}") from None
     if not items:
         raise PipelineSyntaxError("the pipeline is empty")
     return items

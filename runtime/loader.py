@@ -51,6 +51,9 @@ def check_hashes(folder: Path, manifest: dict) -> None:
 
 def _skeleton(folder: Path, manifest: dict) -> torch.nn.Module:
     source = manifest["model"]
+    if "factory" not in source and source["kind"] == "module":
+        raise ArtifactError(f"{folder} was built from a model in memory, so qfx cannot rebuild its architecture",
+                            hint="pass the float model: qfx.runtime.load(folder, model=...)")
     if source["kind"] in ("causal_lm", "encoder"):
         import transformers
 
@@ -65,13 +68,17 @@ def _skeleton(folder: Path, manifest: dict) -> torch.nn.Module:
     return made[0] if isinstance(made, tuple) else made
 
 
-def load(folder: str | Path, verify_hashes: bool = True) -> torch.nn.Module:
-    """The artifact in `folder` as an eager torch model in eval mode."""
+def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes: bool = True) -> torch.nn.Module:
+    """The artifact in `folder` as an eager torch model in eval mode.
+
+    The architecture comes from config.json (Hugging Face models) or the recorded factory;
+    `model`, a float model of the same architecture, serves where neither exists (its linear
+    layers are replaced and its tensors overwritten)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify_hashes:
         check_hashes(folder, manifest)
-    model = _skeleton(folder, manifest)
+    model = model if model is not None else _skeleton(folder, manifest)
     tensors = load_file(str(folder / MODEL_FILE))
     for path, record in manifest["layers"].items():
         fmt = LayerFormat.from_json(record["format"])

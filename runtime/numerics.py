@@ -99,22 +99,6 @@ def quantize_per_token(x: torch.Tensor, qdtype: QDType) -> tuple[torch.Tensor, t
     return quantize(x, scale, None, qdtype), scale
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte along the last axis: element 2i in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
-    nibbles = codes.to(torch.int16) & 0xF
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    wide = packed.to(torch.int16)
-    nibbles = torch.stack([wide & 0xF, (wide >> 4) & 0xF], dim=-1).flatten(-2)
-    if signed:
-        return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
-    return nibbles.to(torch.uint8)
-
-
 def fn_to_fnuz(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """OCP e4m3fn codes as e4m3fnuz: same bits, value halved, so the scale doubles.
 
