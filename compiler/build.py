@@ -70,7 +70,7 @@ def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, s
     return {"inputs": f"the first {samples} calibration samples", **figures}
 
 
-def _model_record(bundle: ModelBundle, spec, out_dir: Path) -> dict:
+def _model_record(bundle: ModelBundle, out_dir: Path) -> dict:
     if bundle.model_dir is not None:
         files = {p.name: sha256_file(p) for p in sorted(bundle.model_dir.iterdir())
                  if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")}
@@ -83,8 +83,8 @@ def _model_record(bundle: ModelBundle, spec, out_dir: Path) -> dict:
         digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place
     record = {"kind": bundle.kind, "name": type(bundle.hf_model or bundle.module).__name__,
               "state_sha256": digest.hexdigest()}
-    if spec.model is not None and spec.model.factory:
-        record["factory"] = spec.model.factory
+    if bundle.factory:
+        record["factory"] = bundle.factory
     return record
 
 
@@ -174,7 +174,7 @@ def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet
     return {
         "generator": "qfx",
         "versions": versions,
-        "model": _model_record(bundle, cfg, out_dir),
+        "model": _model_record(bundle, out_dir),
         "spec_sha256": hashlib.sha256(loaded.raw_text).hexdigest(),
         "target": cfg.target.value,
         "pipeline": format_pipeline(items),

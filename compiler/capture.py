@@ -51,6 +51,7 @@ class ModelBundle:
     model_dir: Path | None = None
     example_inputs: tuple | None = None  # factory models only
     vocab_size: int | None = None
+    factory: str | None = None  # "package.module:function" when the model came from one
 
 
 
@@ -107,7 +108,7 @@ def load_factory(reference: str) -> ModelBundle:
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot import factory {reference!r}: {exc}",
                              hint="the module must be importable (on PYTHONPATH) and define the function") from None
-    return wrap_module(func())
+    return dataclasses.replace(wrap_module(func()), factory=reference)
 
 
 def load_model(source: ModelSource) -> ModelBundle:

@@ -122,3 +122,15 @@ def test_a_qfx_artifact_is_replaced_whole(tmp_path):
     qfx.compile(spec=tiny_spec(preset="w8a16-int8", exclude=["lm_head"]), output_dir=out)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_bad_pipeline_is_a_user_error(tmp_path):
+    spec = ROOT / "specs" / "tiny-w8a8-int8-dynamic.yaml"
+    result = cli("build", str(spec), "-o", str(tmp_path / "a"), "--pipeline", "annotate,observ")
+    assert result.returncode == 2 and "unknown pass 'observ'" in result.stderr
+    result = cli("build", str(spec), "-o", str(tmp_path / "a"), "--pipeline",
+                 "annotate,observe{percentile=abc},calibrate,convert,freeze")
+    assert result.returncode == 2 and "option observe{percentile} takes a float, got 'abc'" in result.stderr
+    with pytest.raises(qfx.UserError, match="has no convert"):
+        qfx.compile(spec=tiny_spec(), output_dir=tmp_path / "b", pipeline="annotate,observe,calibrate")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

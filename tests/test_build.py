@@ -155,3 +155,15 @@ def test_cli_build_inspect_and_eval(tmp_path):
     assert figures["tokens"] == 2048 - 8  # 8 windows of 256 tokens, 255 predictions each
     assert 0 < figures["perplexity_change_pct"] < 8  # measured +3.6% on the whole sample (FP8 + FP8 KV)
     assert figures["top1_agreement_first_window"] > 0.8
+
+
+def test_artifact_of_an_in_memory_module_reloads_given_its_architecture(tmp_path):
+    from qfx.examples import tiny_mlp
+
+    model, example = tiny_mlp()
+    result = qfx.compile(model, tiny_spec(preset="w8a8-int8"), example_inputs=example, output_dir=tmp_path / "a")
+    with pytest.raises(qfx.errors.ArtifactError, match="built from a model in memory"):
+        qfx.runtime.load(result.artifact_dir)
+    reloaded = qfx.runtime.load(result.artifact_dir, model=tiny_mlp(seed=1)[0])
+    x = torch.randn(3, 32)
+    assert torch.equal(reloaded(x), result.graph(x))
