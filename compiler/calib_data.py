@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from qfx.capture import ModelBundle
-from qfx.errors import CalibrationError
+from qfx.errors import CalibrationError, UserError
 from qfx.memory import release_memory
 from qfx.passes.observe import calibration_graph
 from qfx.spec import Calibration
@@ -37,16 +37,16 @@ class CalibrationSet:
         return digest.hexdigest()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, what: str = "calibration", error: type[UserError] = CalibrationError) -> str:
+    """A non-empty UTF-8 text file, or an `error` that says which file is wrong and how."""
     if not path.is_file():
-        raise CalibrationError(f"calibration text not found: {path}")
+        raise error(f"{what} text not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"calibration text {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{what} text {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
-        raise CalibrationError(f"calibration text {path} is empty",
-                               hint="give a file with text in the model's domain")
+        raise error(f"{what} text {path} is empty", hint="give a file with text in the model's domain")
     return text
 
 
@@ -64,7 +64,7 @@ def _tokenizer(bundle: ModelBundle):
 
 def from_text(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     path = Path(cfg.text)
-    text = _read_text(path)
+    text = read_text(path)
     tok = _tokenizer(bundle)
     split = cfg.split or ("document" if bundle.kind == "causal_lm" else "lines")
     if split == "document":

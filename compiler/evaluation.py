@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from qfx.calib_data import read_text
 from qfx.capture import load_factory, load_hf
 from qfx.errors import ModelLoadError, UserError
 from qfx.runtime import load
@@ -28,12 +29,7 @@ def float_model(folder: Path, manifest: dict) -> torch.nn.Module | None:
 def token_stream(folder: Path, text_path: Path) -> torch.Tensor:
     import transformers
 
-    if not text_path.is_file():
-        raise UserError(f"evaluation text not found: {text_path}")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"evaluation text {text_path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = read_text(text_path, "evaluation", UserError)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
