@@ -15,7 +15,6 @@ from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, UserError
 from qfx.lowering import AtomicDir, emit_artifact
-from qfx.lowering.manifest import sha256_file
 from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
@@ -24,6 +23,7 @@ from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs
 from qfx.runtime.formats import LayerQuant
+from qfx.runtime.hashing import sha256_file, sha256_tensors
 from qfx.spec_loader import LoadedSpec, load_spec
 
 
@@ -77,12 +77,8 @@ def _model_record(bundle: ModelBundle, out_dir: Path) -> dict:
         # Relative to the artifact, so the manifest is the same bytes in every checkout.
         return {"kind": bundle.kind, "name": bundle.model_dir.name, "files": files,
                 "path": os.path.relpath(bundle.model_dir, out_dir)}
-    digest = hashlib.sha256()
-    for name, t in sorted(bundle.module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place
     record = {"kind": bundle.kind, "name": type(bundle.hf_model or bundle.module).__name__,
-              "state_sha256": digest.hexdigest()}
+              "state_sha256": sha256_tensors(sorted(bundle.module.state_dict().items()))}
     if bundle.factory:
         record["factory"] = bundle.factory
     return record

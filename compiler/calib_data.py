@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from qfx.capture import ModelBundle
 from qfx.errors import CalibrationError, UserError
 from qfx.memory import release_memory
 from qfx.passes.observe import calibration_graph
+from qfx.runtime.hashing import sha256_tensors
 from qfx.spec import Calibration
 
 
@@ -30,11 +30,7 @@ class CalibrationSet:
             yield tuple(t[start:start + batch_size] for t in self.inputs)
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for t in self.inputs:
-            digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        return sha256_tensors((str((t.dtype, tuple(t.shape))), t) for t in self.inputs)
 
 
 def read_text(path: Path, what: str = "calibration", error: type[UserError] = CalibrationError) -> str:

@@ -9,12 +9,13 @@ from typing import Callable
 
 import torch
 
-from qfx.lowering.manifest import layer_record, render_report, sha256_file, write_json
+from qfx.lowering.manifest import layer_record, render_report, write_json
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
 from qfx.runtime.formats import LayerQuant
+from qfx.runtime.hashing import sha256_file
+from qfx.runtime.loader import MODEL_FILE
 
-MODEL_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
 

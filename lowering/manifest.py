@@ -3,7 +3,6 @@
 No timestamps or absolute paths, so two builds of one spec give the same bytes."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,14 +10,6 @@ import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, LayerQuant
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _range(t: torch.Tensor) -> list[float]:

@@ -5,7 +5,6 @@ same order as the compiled graph, so outputs match it bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import LayerFormat
+from qfx.runtime.hashing import sha256_file
 from qfx.runtime.layout import layer_from_artifact
 from qfx.runtime.quant_linear import QuantLinear
 
@@ -40,11 +40,7 @@ def check_hashes(folder: Path, manifest: dict) -> None:
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{folder} is missing {name}, which the manifest lists")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
+        if sha256_file(path) != expected:
             raise ArtifactError(f"{path} changed after the build (sha256 differs from manifest.json)",
                                 hint="rebuild the artifact; qfx will not run files it cannot vouch for")
 
