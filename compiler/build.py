@@ -6,15 +6,17 @@ import dataclasses
 import hashlib
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
 from qfx import __version__
+from qfx.background import in_background, settle
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, UserError
-from qfx.lowering import AtomicDir, emit_artifact
+from qfx.lowering import AtomicDir, emit_artifact, write_model_file
 from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
@@ -48,8 +50,8 @@ def _linears(gm: torch.fx.GraphModule, prefix: str) -> list[LinearInfo]:
 
 
 # The accuracy check of a build compares float and quantized outputs on this many calibration
-# samples: enough to catch a broken build, cheap next to calibration.
-CHECK_SAMPLES = 2
+# samples: one sample (seq_len tokens) catches a broken build, at 1/samples of calibration's cost.
+CHECK_SAMPLES = 1
 
 
 def _example(data: CalibrationSet) -> tuple:
@@ -67,10 +69,19 @@ def _tensor_output(out):
 
 def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
     figures = compare_outputs(reference, quantized, top1=kind == "causal_lm")
-    return {"inputs": f"the first {samples} calibration samples", **figures}
+    inputs = "the first calibration sample" if samples == 1 else f"the first {samples} calibration samples"
+    return {"inputs": inputs, **figures}
 
 
-def _model_record(bundle: ModelBundle, out_dir: Path) -> dict:
+def _state_sha256(bundle: ModelBundle) -> Future | None:
+    """The sha256 of an in-memory model's state, computed on a helper thread while export
+    (pure Python) leaves the second core idle."""
+    if bundle.model_dir is not None:
+        return None  # the manifest hashes the model's files instead
+    return in_background(sha256_tensors, sorted(bundle.module.state_dict().items()))
+
+
+def _model_record(bundle: ModelBundle, out_dir: Path, state_sha256: Future | None) -> dict:
     if bundle.model_dir is not None:
         files = {p.name: sha256_file(p) for p in sorted(bundle.model_dir.iterdir())
                  if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")}
@@ -78,7 +89,7 @@ def _model_record(bundle: ModelBundle, out_dir: Path) -> dict:
         return {"kind": bundle.kind, "name": bundle.model_dir.name, "files": files,
                 "path": os.path.relpath(bundle.model_dir, out_dir)}
     record = {"kind": bundle.kind, "name": type(bundle.hf_model or bundle.module).__name__,
-              "state_sha256": sha256_tensors(sorted(bundle.module.state_dict().items()))}
+              "state_sha256": state_sha256.result()}
     if bundle.factory:
         record["factory"] = bundle.factory
     return record
@@ -104,18 +115,16 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
 
     # Claim the output directory first: a bad path fails in a second, not after calibration.
     out = AtomicDir(out_path, force=force).__enter__() if out_path is not None else None
+    model_file = None
     try:
         with _timed(seconds, "load"):
             bundle = _bundle(model, example_inputs, cfg)
             data = calibration_set(cfg.calibration, bundle)
+            state_sha256 = _state_sha256(bundle) if out is not None else None
         with _timed(seconds, "export"):
             gm = export(bundle, _example(data))
         linears = _linears(gm, bundle.root_prefix)
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
-
-        check_batch = next(data.batches(CHECK_SAMPLES))
-        with torch.no_grad():  # the eager model computes exactly what the captured graph does
-            reference = _tensor_output(bundle.module(*check_batch))
 
         def calibrate(graph):
             stats = run_calibration(graph, data, cfg.calibration.batch_size)
@@ -126,20 +135,27 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         with _timed(seconds, "passes"):
             gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
         release_memory()
+        if out is not None:  # written while the accuracy check computes
+            model_file = in_background(write_model_file, out.tmp, gm, plan, bundle.root_prefix)
         check = None
         if "qdq" in ctx.facts:
             with _timed(seconds, "check"), torch.no_grad():
+                # Passes edit only the captured graph's own modules, so the eager model is still
+                # the float model the graph was captured from.
+                check_batch = next(data.batches(CHECK_SAMPLES))
+                reference = _tensor_output(bundle.module(*check_batch))
                 check = _output_check(reference, _tensor_output(gm(*check_batch)), bundle.kind, check_batch[0].shape[0])
 
         manifest = None
         if out is not None:
             with _timed(seconds, "emit"):
-                header = _header(bundle, loaded, items, data, check, out.target)
-                manifest = _emit(out, gm, plan, bundle, linears, header)
+                header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
+                manifest = _emit(out, gm, plan, bundle, linears, header, model_file)
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
         if out is not None:
+            settle(model_file)
             out.__exit__(None, None, None)
 
 
@@ -160,7 +176,8 @@ def _bundle(model, example_inputs, cfg) -> ModelBundle:
     raise ModelLoadError("no model: pass one to qfx.compile or set model.path / model.factory in the spec")
 
 
-def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet, check, out_dir: Path) -> dict:
+def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet, check, out_dir: Path,
+            state_sha256: Future | None) -> dict:
     """The manifest's build record: sources, versions, pipeline, calibration, accuracy check."""
     cfg = loaded.spec
     versions = {"qfx": __version__, "torch": torch.__version__.split("+")[0]}
@@ -170,7 +187,7 @@ def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet
     return {
         "generator": "qfx",
         "versions": versions,
-        "model": _model_record(bundle, out_dir),
+        "model": _model_record(bundle, out_dir, state_sha256),
         "spec_sha256": hashlib.sha256(loaded.raw_text).hexdigest(),
         "target": cfg.target.value,
         "pipeline": format_pipeline(items),
@@ -180,7 +197,8 @@ def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet
     }
 
 
-def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict) -> dict:
+def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
+          model_file: Future) -> dict:
     def fp_weight(path: str):
         return bundle.module.get_submodule(bundle.root_prefix + path).weight.detach()
 
@@ -189,7 +207,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
-            model_dir=bundle.model_dir, fp_weight=fp_weight, header=header)
+            model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result())
         out.commit()
     except OSError as exc:
         raise OutputError(f"writing the artifact to {out.target} failed: {exc}",

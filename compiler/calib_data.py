@@ -10,7 +10,6 @@ import torch
 
 from qfx.capture import ModelBundle
 from qfx.errors import CalibrationError, UserError
-from qfx.memory import release_memory
 from qfx.passes.observe import calibration_graph
 from qfx.runtime.hashing import sha256_tensors
 from qfx.spec import Calibration
@@ -167,6 +166,5 @@ def run_calibration(gm: torch.fx.GraphModule, data: CalibrationSet, batch_size: 
         for batch in tqdm(data.batches(batch_size), total=n_batches, desc="calibrating", unit="batch",
                           disable=not sys.stderr.isatty(), leave=False):
             sliced(*batch)
-            release_memory()
     return {"batches": n_batches, "samples": data.samples, "nodes_run": len(sliced.graph.nodes),
             "nodes_in_graph": len(gm.graph.nodes)}

@@ -25,12 +25,20 @@ def layer_buffers(gm: torch.nn.Module, root_prefix: str, path: str) -> dict[str,
     return {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
 
 
+def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str
+                     ) -> tuple[str, dict[str, str]]:
+    """model.safetensors in the Quark layout; returns its sha256 and the tied-weight aliases."""
+    tensors, aliases = artifact_tensors(gm, plan, root_prefix)
+    return write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"}), aliases
+
+
 def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
-                  fp_weight: Callable[[str], torch.Tensor | None], header: dict) -> dict:
-    tensors, aliases = artifact_tensors(gm, plan, root_prefix)
-    model_sha256 = write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"})
-    del tensors
+                  fp_weight: Callable[[str], torch.Tensor | None], header: dict,
+                  model_file: tuple[str, dict[str, str]] | None = None) -> dict:
+    """The whole artifact. `model_file` is write_model_file's result when the caller already
+    wrote model.safetensors (the build writes it while its accuracy check runs)."""
+    model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
     if hf_config is not None:
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))

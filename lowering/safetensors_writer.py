@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,15 +36,22 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     digest = hashlib.sha256()
-
-    def emit(f, data) -> None:
-        digest.update(data)
-        f.write(data)
-
-    with open(path, "wb") as f:
-        emit(f, struct.pack("<Q", len(text)))
-        emit(f, text)
-        for name in names:
-            t = tensors[name].detach().contiguous().reshape(-1)
-            emit(f, t.view(torch.uint8).numpy().data if t.numel() else b"")
+    # Hashing and writing both release the GIL: each chunk is hashed on a helper thread while
+    # the main thread writes it, so the digest costs no wall time next to the disk.
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="qfx-sha256") as hasher:
+        pending = None
+        for chunk in _chunks(text, names, tensors):
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(digest.update, chunk)
+            f.write(chunk)
+        pending.result()
     return digest.hexdigest()
+
+
+def _chunks(text: bytes, names: list[str], tensors: dict[str, torch.Tensor]):
+    yield struct.pack("<Q", len(text)) + text
+    for name in names:
+        t = tensors[name].detach().contiguous().reshape(-1)
+        if t.numel():
+            yield t.view(torch.uint8).numpy().data

@@ -13,6 +13,8 @@ from qfx.runtime.formats import ObserverKind, TensorFormat
 
 
 class Observer(torch.nn.Module):
+    _is_impure = True  # it records state, so dead-code elimination must keep it (torch.fx reads this)
+
     def __init__(self, fmt: TensorFormat, where: str, **options):
         super().__init__()
         self.fmt, self.where = fmt, where

@@ -47,10 +47,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                qdtype: QDType, axis: int = 0, group_size: int = 0,
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     s = broadcast_scale(scale, codes.ndim, axis, group_size)
-    y = codes.float()
+    y = codes.to(torch.float32, copy=True)  # the one temporary; everything after works in place
     if zero_point is not None:
-        y = y - broadcast_scale(zero_point, codes.ndim, axis, group_size).float()
-    return (y * s).to(out_dtype)
+        y.sub_(broadcast_scale(zero_point, codes.ndim, axis, group_size).float())
+    return y.mul_(s).to(out_dtype)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
