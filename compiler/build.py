@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from concurrent.futures import Future
@@ -14,18 +16,20 @@ import torch
 from qfx import __version__
 from qfx.background import in_background, settle
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
-from qfx.capture import ModelBundle, export, load_model, wrap_module
+from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, UserError
-from qfx.lowering import AtomicDir, emit_artifact, write_model_file
+from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
-from qfx.passes.meta import module_path
+from qfx.passes.meta import describe_node, module_path
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
+from qfx.runtime.verify import META_INPUTS, META_ROOT, META_UINT8, verify_artifact
+from qfx.spec import OutputFormat, Target
 from qfx.spec_loader import LoadedSpec, load_spec
 
 
@@ -150,7 +154,9 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
-                manifest = _emit(out, gm, plan, bundle, linears, header, model_file)
+                onnx = _onnx_options(cfg, bundle, _example(data)) if _wants_onnx(cfg) else None
+                verify = onnx is not None and cfg.output.onnx.verify
+                manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify)
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
@@ -197,8 +203,33 @@ def _header(bundle: ModelBundle, loaded: LoadedSpec, items, data: CalibrationSet
     }
 
 
+def _wants_onnx(cfg) -> bool:
+    return cfg.output is not None and OutputFormat.onnx in cfg.output.formats
+
+
+def _onnx_options(cfg, bundle: ModelBundle, example: tuple) -> dict:
+    if bundle.kind == "causal_lm":
+        names, outputs = ["input_ids"], ["logits"]
+        inputs = [{"shape": list(example[0].shape), "dtype": "int64", "high": bundle.vocab_size}]
+    elif bundle.kind == "encoder":
+        names, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
+        inputs = [{"shape": list(example[0].shape), "dtype": "int64", "high": bundle.vocab_size},
+                  {"shape": list(example[1].shape), "dtype": "int64", "fill": 1}]
+    else:
+        names, outputs = [f"input_{i}" for i in range(len(example))], ["output_0"]
+        inputs = [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                   "high": None if t.is_floating_point() else int(t.max()) + 1} for t in example]
+    uint8_codes = cfg.target is Target.cpu
+    return {"example": example, "dynamic_shapes": tuple(dynamic_dims(t, bundle.kind) for t in example),
+            "input_names": names, "output_names": outputs, "uint8_codes": uint8_codes,
+            "opset": cfg.output.onnx.opset,
+            "describe_node": describe_node,
+            "metadata": {META_ROOT: bundle.root_prefix, META_UINT8: "1" if uint8_codes else "0",
+                         META_INPUTS: json.dumps(inputs), "qfx.target": cfg.target.value}}
+
+
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
-          model_file: Future) -> dict:
+          model_file: Future, onnx: dict | None, verify: bool) -> dict:
     def fp_weight(path: str):
         return bundle.module.get_submodule(bundle.root_prefix + path).weight.detach()
 
@@ -207,7 +238,12 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
-            model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result())
+            model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
+            onnx=onnx)
+        if verify:  # on the files as written, before they are published
+            float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None
+            manifest["verify"] = verify_artifact(out.tmp, model=float_model)
+            write_manifest(out.tmp, manifest)
         out.commit()
     except OSError as exc:
         raise OutputError(f"writing the artifact to {out.target} failed: {exc}",

@@ -152,7 +152,7 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def _dynamic_dims(t, kind: str) -> dict | None:
+def dynamic_dims(t, kind: str) -> dict | None:
     """Dim.AUTO keeps batch (and an HF model's sequence) dynamic within whatever bounds the
     model's own code implies (e.g. BERT's position table), instead of failing on a guessed maximum."""
     if not isinstance(t, torch.Tensor) or t.ndim == 0:
@@ -164,7 +164,7 @@ def _dynamic_dims(t, kind: str) -> dict | None:
 
 def export(bundle: ModelBundle, example: tuple) -> torch.fx.GraphModule:
     """torch.export (non-strict) with dynamic batch (and sequence for HF models), unlifted."""
-    dynamic = tuple(_dynamic_dims(t, bundle.kind) for t in example)
+    dynamic = tuple(dynamic_dims(t, bundle.kind) for t in example)
     with _module_stack(bundle.module) as stack:
         try:
             program = torch.export.export(bundle.module, example, dynamic_shapes=dynamic, strict=False)

@@ -1,4 +1,4 @@
-"""The `qfx` command: build, inspect, eval, schema. Exit codes: 0 ok, 2 bad input, 1 internal."""
+"""The `qfx` command: build, inspect, eval, verify, schema. Exit codes: 0 ok, 2 bad input, 1 internal."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,10 @@ def _build(args) -> int:
     if m.get("check"):
         figures = ", ".join(f"{k} {v:.4g}" for k, v in m["check"].items() if k != "inputs")
         print(f"  quantized vs float on {m['check']['inputs']}: {figures}")
+    if m.get("verify"):
+        v = m["verify"]
+        print(f"  verified model.onnx = model.safetensors: {v['tensors_identical']} tensors bit-identical, "
+              f"ONNX Runtime vs torch relative error {v['output_rel_error']:.3g} (tolerance {v['tolerance']:g})")
     return 0
 
 
@@ -45,6 +49,21 @@ def _eval(args) -> int:
         return 0
     for key, value in figures.items():
         print(f"{key:>30}: {value:.6g}" if isinstance(value, float) else f"{key:>30}: {value}")
+    return 0
+
+
+def _verify(args) -> int:
+    from qfx.runtime.verify import verify_artifact
+
+    figures = verify_artifact(Path(args.dir), providers=args.providers or None)
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    print(f"verified {args.dir}: model.safetensors and model.onnx are the same model")
+    print(f"  {figures['tensors_identical']} stored tensors bit-identical")
+    print(f"  outputs on {figures['inputs']}: ONNX Runtime ({', '.join(figures['providers'])}) vs torch "
+          f"relative error {figures['output_rel_error']:.3g} (tolerance {figures['tolerance']:g}), "
+          f"max abs {figures['max_abs_error']:.3g}")
     return 0
 
 
@@ -75,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)
+    v = sub.add_parser("verify", help="prove model.safetensors and model.onnx hold the same codes and compute the same")
+    v.add_argument("dir")
+    v.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                   help="ONNX Runtime providers (default: MIGraphX, ROCm, CPU, whichever are installed)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_verify)
     s = sub.add_parser("schema", help="print the spec's JSON Schema")
     s.set_defaults(func=_schema)
     return p

@@ -17,6 +17,17 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def small_llama(seed: int = 0):
+    """tiny_llama at hidden 128 / intermediate 256: wide enough for int4 groups of 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_bert(seed: int = 0):
     """A 2-layer BERT encoder (the layout of MiniLM)."""
     from transformers import BertConfig, BertModel

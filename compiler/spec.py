@@ -185,9 +185,30 @@ class Calibration(_Model):
         return self
 
 
+class OutputFormat(str, enum.Enum):
+    safetensors = "safetensors"  # Quark layout + config.json: transformers (amd-quark) and vLLM
+    onnx = "onnx"  # QDQ at opset 21: ONNX Runtime (MIGraphX, ROCm and CPU execution providers)
+
+
+class OnnxOptions(_Model):
+    opset: Literal[21] = Field(default=21, description="ONNX opset; 21 is the first with blocked (int4) and FP8 QDQ")
+    verify: bool = Field(default=True, description="check the ONNX model against the safetensors artifact after the build")
+
+
 class Output(_Model):
     dir: str
     force: bool = Field(default=False, description="replace an existing directory that qfx did not write")
+    formats: list[OutputFormat] = Field(default_factory=lambda: [OutputFormat.safetensors], min_length=1,
+                                        description="artifacts to write; safetensors is always among them")
+    onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+
+    @field_validator("formats")
+    @classmethod
+    def _safetensors_first(cls, formats: list[OutputFormat]) -> list[OutputFormat]:
+        if OutputFormat.safetensors not in formats:
+            raise ValueError("formats must include safetensors: the manifest, the runtime loader and "
+                             "`qfx verify` read it (add onnx beside it)")
+        return sorted(set(formats), key=list(OutputFormat).index)
 
 
 class Spec(_Model):

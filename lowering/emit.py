@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from qfx.lowering.manifest import layer_record, render_report, write_json
+from qfx.lowering.manifest import layer_record, write_manifest
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
 from qfx.runtime.formats import LayerQuant
@@ -35,11 +35,16 @@ def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQua
 def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
-                  model_file: tuple[str, dict[str, str]] | None = None) -> dict:
+                  model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
-    wrote model.safetensors (the build writes it while its accuracy check runs)."""
+    wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
+    write_onnx's options when the artifact includes model.onnx."""
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
+    if onnx is not None:
+        from qfx.lowering.onnx_emit import write_onnx  # onnx and onnxscript load only when asked for
+
+        files += write_onnx(folder, gm, **onnx)
     if hf_config is not None:
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -56,6 +61,5 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     manifest["tied"] = aliases
     manifest["artifact"] = {name: model_sha256 if name == MODEL_FILE else sha256_file(folder / name)
                             for name in sorted(files)}
-    write_json(folder / "manifest.json", manifest)
-    (folder / "report.md").write_text(render_report(manifest))
+    write_manifest(folder, manifest)
     return manifest

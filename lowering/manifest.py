@@ -36,6 +36,12 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """manifest.json and report.md, its readable twin."""
+    write_json(folder / "manifest.json", manifest)
+    (folder / "report.md").write_text(render_report(manifest))
+
+
 def _fmt_cell(fmt) -> str:
     return "—" if fmt is None else fmt.describe()
 
@@ -55,6 +61,13 @@ def render_report(manifest: dict) -> str:
             if key != "inputs":
                 lines.append(f"| {key} | {value:.6g} |")
         lines.append("")
+    verify = manifest.get("verify")
+    if verify:
+        lines += [f"## Verified: model.safetensors = model.onnx ({verify['inputs']})", "",
+                  f"- stored codes, scales and zero points bit-identical: {verify['tensors_identical']} tensors",
+                  f"- ONNX Runtime ({', '.join(verify['providers'])}) vs the torch artifact: relative error "
+                  f"{verify['output_rel_error']:.3g} (tolerance {verify['tolerance']:g}), "
+                  f"max abs error {verify['max_abs_error']:.3g}", ""]
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
     for path, rec in manifest["layers"].items():

@@ -45,3 +45,16 @@ def module_path(node: torch.fx.Node, root_prefix: str = "") -> str | None:
     if root_prefix and path.startswith(root_prefix):
         path = path[len(root_prefix):]
     return path
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    """Where a node comes from, for error messages: its module and the spec rules of the
+    layer it belongs to (its own, or that of the linear it feeds)."""
+    parts = []
+    path = module_path(node)
+    if path:
+        parts.append(f"in module {path}")
+    quant = get_quant(node) or next((get_quant(u) for u in node.users if get_quant(u)), None)
+    if quant is not None:
+        parts.append(f"quantized by {', '.join(quant.rules)}")
+    return ", ".join(parts)

@@ -95,3 +95,21 @@ def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
     zp = _unpack8(zero_point, dtype.is_signed).t().contiguous()
     return codes, scale.t().contiguous(), zp
 
+
+
+# int8 codes re-encoded as uint8 (the ONNX artifact for the cpu target): q + 128 with the zero
+# point moved by 128 holds the same real values, and a symmetric int8 zero point (0) becomes this.
+UINT8_ZERO = 128
+
+
+def int8_as_uint8(t: torch.Tensor) -> torch.Tensor:
+    return (t.to(torch.int16) + UINT8_ZERO).to(torch.uint8)
+
+
+def weight_to_onnx(tensors: dict[str, torch.Tensor | None], group_size: int) -> tuple[dict[str, torch.Tensor | None], int]:
+    """A graph weight's codes, scale and zero point ([out, in]) as the ONNX artifact stores them:
+    transposed to [in, out], so DequantizeLinear feeds MatMul directly. Returns the tensors and
+    DequantizeLinear's new axis: 1 for per-channel scales, 0 for blocks along K (and per tensor)."""
+    out = {k: None if t is None else (t.t().contiguous() if t.ndim == 2 else t) for k, t in tensors.items()}
+    scale = tensors["scale"]
+    return out, (1 if scale.ndim == 1 and not group_size else 0)

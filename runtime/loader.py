@@ -19,6 +19,7 @@ from qfx.runtime.layout import layer_from_artifact
 from qfx.runtime.quant_linear import QuantLinear
 
 MODEL_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
 
 
 def read_manifest(folder: Path) -> dict:

@@ -32,7 +32,7 @@ def tensors_of(path):
 def test_tiny_specs_build_reload_and_match_the_graph_exactly(spec, tmp_path):
     result = qfx.compile(spec=spec, output_dir=tmp_path / "a")
     names = sorted(p.name for p in result.artifact_dir.iterdir())
-    assert names == ["config.json", "manifest.json", "model.safetensors", "report.md"]
+    assert names == ["config.json", "manifest.json", "model.onnx", "model.safetensors", "report.md"]
     equal, diff = reload_matches_graph(result, (torch.randint(0, 256, (2, 24)),))
     assert equal, f"reloaded artifact differs from the compiled graph by {diff}"
     config = json.loads((result.artifact_dir / "config.json").read_text())
@@ -43,7 +43,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     spec = ROOT / "specs" / "tiny-w8a8-int8.yaml"
     a = qfx.compile(spec=spec, output_dir=tmp_path / "a").artifact_dir
     b = qfx.compile(spec=spec, output_dir=tmp_path / "b").artifact_dir
-    for name in ("model.safetensors", "manifest.json", "config.json", "report.md"):
+    for name in ("model.safetensors", "model.onnx", "manifest.json", "config.json", "report.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 

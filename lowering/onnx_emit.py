@@ -1,0 +1,185 @@
+"""model.onnx: the frozen QDQ graph as standard ONNX QDQ (QuantizeLinear / DequantizeLinear).
+
+The graph goes through `onnx_ready` (weights as [in, out] for MatMul, uint8 codes on the cpu
+target), then torch.onnx's exporter, with the `qfx::` ops translated here one to one:
+qfx::quantize -> QuantizeLinear, qfx::dequantize -> DequantizeLinear (axis, block_size),
+qfx::quantize_per_token -> ReduceMax/Div/Round/Clip/Cast, the same arithmetic in the same order
+as `qfx.runtime.numerics`, so ONNX Runtime computes the numbers torch does. int4/uint4 codes
+become packed INT4/UINT4 initializers. Everything else stays float.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript import opset21 as op
+
+from qfx.lowering.onnx_graph import onnx_ready
+from qfx.runtime import numerics, ops
+from qfx.runtime.errors import OutputError
+from qfx.runtime.formats import QDType
+from qfx.runtime.loader import ONNX_FILE
+
+ONNX_DATA = "model.onnx.data"
+OPSET = 21  # blocked DequantizeLinear (int4 groups) and FP8 QDQ need 21
+PROTOBUF_LIMIT = 2 << 30  # larger models keep their initializers in ONNX_DATA
+
+ONNX_TYPES = {QDType.int8: ir.DataType.INT8, QDType.uint8: ir.DataType.UINT8, QDType.int4: ir.DataType.INT4,
+              QDType.uint4: ir.DataType.UINT4, QDType.fp8_e4m3fn: ir.DataType.FLOAT8E4M3FN,
+              QDType.fp8_e4m3fnuz: ir.DataType.FLOAT8E4M3FNUZ}
+NUMPY_TYPES = {QDType.int8: np.int8, QDType.uint8: np.uint8, QDType.fp8_e4m3fn: ml_dtypes.float8_e4m3fn,
+               QDType.fp8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz}
+PACKED_INT4 = {int(ir.DataType.INT4): ml_dtypes.int4, int(ir.DataType.UINT4): ml_dtypes.uint4}
+
+
+def _zero(q: QDType):
+    return op.Constant(value=ir.tensor(np.zeros((), dtype=NUMPY_TYPES[q])))
+
+
+def _quantize(x, scale, zero_point, qdtype: str, axis: int, group_size: int):
+    q = QDType(qdtype)
+    if q is QDType.fp8_e4m3fnuz:
+        # qfx caps FNUZ at 224 (every code has an FN twin); QuantizeLinear would saturate at 240.
+        # Where, not Clip or Min/Max: ONNX Runtime's Clip->QuantizeLinear fusion rejects FNUZ,
+        # and the exporter's optimizer turns Min/Max into Clip.
+        bound = op.Mul(scale, op.Constant(value_float=q.qmax))
+        low = op.Neg(bound)
+        x = op.Where(op.Greater(x, bound), bound, op.Where(op.Less(x, low), low, x))
+    if zero_point is None:
+        zero_point = _zero(q)
+    return op.QuantizeLinear(x, scale, zero_point, axis=axis, block_size=group_size)
+
+
+def _dequantize(codes, scale, zero_point, qdtype: str, axis: int, group_size: int, out_dtype):
+    q = QDType(qdtype)
+    if axis == -1:  # per-token codes with their [..., 1] scale: plain arithmetic
+        y = op.Mul(op.Cast(codes, to=ir.DataType.FLOAT), scale)
+    else:
+        if q.bits == 4:  # int4 codes sit in int8 in the graph; _pack_int4 folds this cast into the initializer
+            codes = op.Cast(codes, to=ONNX_TYPES[q])
+            if zero_point is not None:
+                zero_point = op.Cast(zero_point, to=ONNX_TYPES[q])
+        args = (codes, scale) if zero_point is None else (codes, scale, zero_point)
+        y = op.DequantizeLinear(*args, axis=axis, block_size=group_size)
+    return y if out_dtype == ir.DataType.FLOAT else op.Cast(y, to=out_dtype)
+
+
+def _quantize_per_token(x, qdtype: str):
+    q = QDType(qdtype)
+    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    scale = op.Max(op.Div(amax, op.Constant(value_float=q.qmax)), op.Constant(value_float=numerics.MIN_SCALE))
+    y = op.Div(x, scale)
+    lo, hi = op.Constant(value_float=q.qmin), op.Constant(value_float=q.qmax)
+    if not q.is_fp8:
+        y = op.Round(y)
+    return op.Cast(op.Clip(y, lo, hi), to=ONNX_TYPES[q]), scale
+
+
+TRANSLATIONS = {ops.QUANTIZE: _quantize, ops.DEQUANTIZE: _dequantize, ops.QUANTIZE_PER_TOKEN: _quantize_per_token}
+
+
+def _pack_int4(model: onnx.ModelProto) -> None:
+    """Cast(int8 initializer -> INT4/UINT4) becomes a packed INT4/UINT4 initializer, the form
+    runtimes fuse (DequantizeLinear -> MatMul into MatMulNBits) and half the bytes."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for node in list(graph.node):
+        if node.op_type != "Cast" or node.input[0] not in inits:
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        if to not in PACKED_INT4:
+            continue
+        source = inits[node.input[0]]
+        values = onnx.numpy_helper.to_array(source).astype(PACKED_INT4[to])
+        packed = onnx.numpy_helper.from_array(values, name=source.name)
+        if readers[source.name] == 1:
+            graph.initializer.remove(source)
+        else:
+            packed.name = node.output[0]
+        for reader in graph.node:
+            for i, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[i] = packed.name
+        graph.initializer.append(packed)
+        graph.node.remove(node)
+        for info in [v for v in graph.value_info if v.name in (source.name, node.output[0])]:
+            graph.value_info.remove(info)  # they typed the int8 source; shape inference retypes
+
+
+def _restore_names(model: onnx.ModelProto) -> None:
+    """Stored codes and zero points keep their graph names (`<module>.weight`, ...), which the
+    exporter's constant folding replaces when it folds the int4 cast: `qfx verify` pairs them
+    with model.safetensors by name. The scale beside them always keeps its name."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[1].endswith("_scale"):
+            continue
+        base = node.input[1].removesuffix("_scale")
+        wanted = {0: base, 2: base + "_zero_point"}
+        for i, name in wanted.items():
+            if i < len(node.input) and node.input[i] in inits and node.input[i] != name and name not in inits:
+                renames[node.input[i]] = name
+    for old, new in renames.items():
+        inits[old].name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _export_failure(gm: torch.fx.GraphModule, message: str, describe_node: Callable | None) -> str:
+    """What the exporter could not translate: the node, its module, the spec rules that
+    quantized it, and the exporter's reason."""
+    found = re.search(r"translating node %(\S+) .*?target=([\w.]+)", message)
+    reasons = re.findall(r"(?:DispatchError|ConversionError)'>: (.+)", message)
+    reason = reasons[0] if reasons else next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
+    if not found:
+        return f"ONNX export failed: {reason}"
+    name, target = found.groups()
+    node = next((n for n in gm.graph.nodes if n.name == name), None) or next(
+        (n for n in gm.graph.nodes if n.op == "call_function" and f"torch.ops.{n.target}" == target), None)
+    where = f"node {name} ({target.removeprefix('torch.ops.')})"
+    origin = describe_node(node) if node is not None and describe_node is not None else ""
+    return f"ONNX export failed at {where}{' ' + origin if origin else ''}: {reason}"
+
+
+def write_onnx(folder: Path, gm: torch.fx.GraphModule, *, example: tuple, dynamic_shapes, input_names: list[str],
+               output_names: list[str], uint8_codes: bool, opset: int = OPSET, metadata: dict[str, str],
+               describe_node: Callable[[torch.fx.Node], str] | None = None) -> list[str]:
+    """Write model.onnx (and model.onnx.data for models over 2 GB); return the files written.
+    `describe_node` says where a graph node comes from, for the error when one cannot be exported."""
+    ready = onnx_ready(gm, uint8_codes).eval()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), torch.no_grad():
+            program = torch.onnx.export(ready, example, dynamo=True, opset_version=opset,
+                                        custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
+                                        input_names=input_names, output_names=output_names, verbose=False,
+                                        optimize=False)
+    except Exception as exc:  # the exporter raises many types; all become one clear error
+        raise OutputError(_export_failure(ready, f"{type(exc).__name__}: {exc}", describe_node),
+                          hint="exclude that module in the spec, or drop onnx from output.formats") from None
+    model = program.model_proto
+    _pack_int4(model)
+    _restore_names(model)
+    for key, value in sorted(metadata.items()):
+        model.metadata_props.add(key=key, value=value)
+    path = folder / ONNX_FILE
+    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (64 << 20)
+    onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=ONNX_DATA)
+    onnx.checker.check_model(str(path), full_check=True)
+    return [ONNX_FILE, ONNX_DATA] if big else [ONNX_FILE]

@@ -1,0 +1,47 @@
+"""ONNX Runtime sessions for qfx's ONNX artifacts, set up so their numbers match torch's.
+
+Providers go in AMD's order: MIGraphX (ORT 1.23 and later), ROCm (up to ORT 1.22), then CPU.
+On the CPU provider, int4 DequantizeLinear -> MatMul fuses into MatMulNBits, which by default
+computes at accuracy level 4 (int8 activations, about 6e-3 error); level 0 keeps it exact.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qfx.runtime.errors import ArtifactError, UserError
+
+PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider")
+EXACT_CPU_OPTIONS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+class ProviderError(UserError):
+    pass
+
+
+def providers(requested: list[str] | None = None) -> list[str]:
+    """The providers a session uses: `requested` (each must be installed), else every
+    installed one of MIGraphX, ROCm, CPU in that order."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ProviderError(f"ONNX Runtime provider {', '.join(missing)} is not installed "
+                                f"(this onnxruntime has {', '.join(available)})",
+                                hint="MIGraphX ships in onnxruntime-migraphx (ORT 1.23+), ROCm in "
+                                     "onnxruntime-rocm (up to ORT 1.22); or ask for CPUExecutionProvider")
+        return list(requested)
+    return [p for p in PROVIDERS if p in available]
+
+
+def session(model_path: Path, requested: list[str] | None = None):
+    import onnxruntime as ort
+
+    if not Path(model_path).is_file():
+        raise ArtifactError(f"{model_path} does not exist", hint="build with output.formats: [safetensors, onnx]")
+    options = ort.SessionOptions()
+    for key, value in EXACT_CPU_OPTIONS.items():
+        options.add_session_config_entry(key, value)
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    return ort.InferenceSession(str(model_path), options, providers=providers(requested))

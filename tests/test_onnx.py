@@ -1,0 +1,138 @@
+"""The ONNX artifact: standard QDQ at opset 21 that ONNX Runtime runs, proven equal to safetensors."""
+import json
+import struct
+
+import onnx
+import pytest
+import torch
+from conftest import ROOT, tiny_spec
+
+import qfx
+from qfx.runtime.errors import ArtifactError, OutputError, SpecError, UserError
+from qfx.runtime.verify import verify_artifact
+
+# Measured on this machine (ORT 1.32 CPU EP, ORT_ENABLE_ALL): relative error of ONNX Runtime's
+# logits against the torch artifact's on 2 x 32 random ids.
+SPEC_EXPECTATIONS = {
+    # spec: (ONNX code type of q_proj's weight, measured rel error)
+    "tiny-w8a8-int8.yaml": (onnx.TensorProto.UINT8, 1.7e-7),  # cpu target: int8 re-encoded as uint8
+    "tiny-w8a8-int8-dynamic.yaml": (onnx.TensorProto.INT8, 1.7e-7),  # gfx950: int8 stays int8
+    "tiny-fp8-gfx950.yaml": (onnx.TensorProto.FLOAT8E4M3FN, 7.1e-8),
+    "tiny-fp8-kv.yaml": (onnx.TensorProto.FLOAT8E4M3FNUZ, 8.2e-8),  # gfx942: FNUZ codes, KV-cache QDQ
+    "tiny-w4a16.yaml": (onnx.TensorProto.INT4, 1.9e-7),
+    "tiny-w4a16-g128.yaml": (onnx.TensorProto.INT4, 2e-7),  # small_llama: hidden 128
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each tiny spec built once (the build runs `verify` itself)."""
+    out = {}
+    for name in SPEC_EXPECTATIONS:
+        out[name] = qfx.compile(spec=ROOT / "specs" / name, output_dir=tmp_path_factory.mktemp("onnx") / "a")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_EXPECTATIONS))
+def test_every_spec_emits_checked_opset21_qdq_that_verifies(built, name):
+    result = built[name]
+    code_type, measured = SPEC_EXPECTATIONS[name]
+    path = result.artifact_dir / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    ops = [n.op_type for n in model.graph.node]
+    assert "DequantizeLinear" in ops and ops.count("MatMul") >= 14
+    inits = {t.name: t for t in model.graph.initializer}
+    q_proj = inits["hf.model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.data_type == code_type
+    hidden = 128 if "g128" in name else 64
+    assert list(q_proj.dims) == [hidden, hidden]  # [in, out]: DequantizeLinear feeds MatMul directly
+    dims = {d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim}
+    assert all(isinstance(d, str) for d in dims), "batch and sequence must stay dynamic"
+    verify = result.manifest["verify"]
+    assert verify["output_rel_error"] <= verify["tolerance"]
+    assert verify["output_rel_error"] < 10 * measured
+    assert verify["tensors_identical"] >= 14
+    assert "Verified" in (result.artifact_dir / "report.md").read_text()
+
+
+def test_kv_cache_and_per_token_become_standard_ops(built):
+    kv = onnx.load(str(built["tiny-fp8-kv.yaml"].artifact_dir / "model.onnx"))
+    quantized_outputs = {n.input[1] for n in kv.graph.node if n.op_type == "QuantizeLinear"}
+    assert "hf.model.layers.0.self_attn.k_proj.output_scale" in quantized_outputs
+    dynamic = onnx.load(str(built["tiny-w8a8-int8-dynamic.yaml"].artifact_dir / "model.onnx"))
+    ops = [n.op_type for n in dynamic.graph.node]
+    assert "ReduceMax" in ops and "Round" in ops and "QuantizeLinear" not in ops
+
+
+def test_verify_cli_reports_and_a_missing_provider_is_named(built, capsys):
+    from qfx.cli import main
+
+    folder = str(built["tiny-w8a8-int8.yaml"].artifact_dir)
+    assert main(["verify", folder, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["providers"] == ["CPUExecutionProvider"] and figures["output_rel_error"] < 1e-4
+    assert main(["verify", folder, "--providers", "MIGraphXExecutionProvider"]) == 2
+    err = capsys.readouterr().err
+    assert "MIGraphXExecutionProvider is not installed" in err and "onnxruntime-migraphx" in err
+
+
+def test_an_edited_safetensors_is_caught_with_the_tensor_name(built, tmp_path):
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(built["tiny-w8a8-int8.yaml"].artifact_dir, folder)
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    name = "model.layers.1.mlp.up_proj.weight"
+    start = 8 + struct.unpack("<Q", data[:8])[0] + header[name]["data_offsets"][0]
+    data[start + 5] = (data[start + 5] + 1) % 256
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{name} differs from model.onnx initializer hf.{name}"):
+        verify_artifact(folder)
+
+
+def test_verify_needs_an_onnx_model(tmp_path):
+    spec = tiny_spec()
+    result = qfx.compile(spec=spec, output_dir=tmp_path / "a")
+    with pytest.raises(ArtifactError, match="has no model.onnx"):
+        verify_artifact(result.artifact_dir)
+
+
+def test_formats_must_keep_safetensors():
+    with pytest.raises(SpecError, match="formats must include safetensors"):
+        qfx.load_spec({"version": 1, "quantization": {"preset": "w8a8-int8"},
+                       "output": {"dir": "x", "formats": ["onnx"]}})
+
+
+@torch.library.custom_op("qfxtest::wobble", mutates_args=())
+def wobble(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.5
+
+
+@wobble.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Wobbly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        return torch.ops.qfxtest.wobble(self.up(x))
+
+
+def test_an_op_onnx_cannot_express_is_named_with_its_module(tmp_path):
+    torch.manual_seed(0)
+    spec = {"version": 1, "calibration": {"synthetic": True, "samples": 4},
+            "quantization": {"preset": "w8a8-int8"},
+            "output": {"dir": str(tmp_path / "out"), "formats": ["safetensors", "onnx"]}}
+    with pytest.raises(OutputError) as info:
+        qfx.compile(Wobbly().eval(), spec, example_inputs=(torch.randn(2, 16),))
+    message = str(info.value)
+    assert "ONNX export failed at node" in message and "wobble" in message
+    assert isinstance(info.value, UserError) and not (tmp_path / "out").exists()
