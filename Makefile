@@ -43,6 +43,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/compile.py --repeats 3
+	$(PY) bench/ort.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -157,15 +159,29 @@ def _export_failure(gm: torch.fx.GraphModule, message: str, describe_node: Calla
     return f"ONNX export failed at {where}{' ' + origin if origin else ''}: {reason}"
 
 
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints its progress to stdout and warns about things that do not concern a
+    qfx graph (torchvision ops, deprecations); a failure still raises with the full reason."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def write_onnx(folder: Path, gm: torch.fx.GraphModule, *, example: tuple, dynamic_shapes, input_names: list[str],
                output_names: list[str], uint8_codes: bool, opset: int = OPSET, metadata: dict[str, str],
                describe_node: Callable[[torch.fx.Node], str] | None = None) -> list[str]:
     """Write model.onnx (and model.onnx.data for models over 2 GB); return the files written.
     `describe_node` says where a graph node comes from, for the error when one cannot be exported."""
     ready = onnx_ready(gm, uint8_codes).eval()
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), torch.no_grad():
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(ready, example, dynamo=True, opset_version=opset,
                                         custom_translation_table=TRANSLATIONS, dynamic_shapes=dynamic_shapes,
                                         input_names=input_names, output_names=output_names, verbose=False,

