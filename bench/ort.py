@@ -5,12 +5,15 @@ ONNX Runtime's own quantizer, on ORT's CPU execution provider.
     python bench/ort.py [--runs 20]
 
 Model: the random Llama of bench/compile.py (seed 0); calibration: its 32 x 128 synthetic ids.
+Every linear layer is quantized, the LM head included (--exclude-lm-head keeps it float in both).
 - fp32: the captured float graph written by qfx's ONNX emitter (the same graph, no QDQ).
-- qfx:  `qfx.compile` with preset w8a8-int8, lm_head excluded, target cpu, formats [safetensors, onnx].
+- qfx:  `qfx.compile` with preset w8a8-int8 and 7-bit weights (`reduce_range: true`: ORT's fast
+        uint8 x int8 kernels are then exact without VNNI; --full-range for 8-bit weights, which
+        the ONNX artifact then holds as uint8), target cpu, formats [safetensors, onnx].
 - ort:  `onnxruntime.quantization.quantize_static` on the fp32 ONNX (after its quant_pre_process):
         QDQ, per-channel, MinMax, its default uint8 activations and int8 weights, only MatMuls
-        with constant weights (MatMulConstBOnly, as qfx quantizes linears), the LM head's MatMul
-        excluded as in qfx, calibrated one sample at a time on the same 32 samples.
+        with constant weights (MatMulConstBOnly, as qfx quantizes linears), calibrated one sample
+        at a time on the same 32 samples.
 Latency: batch 1, sequence 128, every session opened the same way (qfx.runtime.ort.session,
 ORT_ENABLE_ALL); 3 warm-up runs, then the three models take turns, run by run, so machine drift
 hits all alike; medians of --runs. Error: logits relative error against the fp32 ONNX on 4
@@ -50,7 +53,7 @@ def write_fp32_onnx(model, folder: Path) -> Path:
     return folder / "model.onnx"
 
 
-def ort_quantize(fp32: Path, out: Path) -> Path:
+def ort_quantize(fp32: Path, out: Path, exclude_lm_head: bool) -> Path:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -76,7 +79,7 @@ def ort_quantize(fp32: Path, out: Path) -> Path:
     quantize_static(str(pre), str(out), Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=matmuls[-1:],  # the LM head: the graph's last MatMul
+                    nodes_to_exclude=matmuls[-1:] if exclude_lm_head else [],  # the LM head: the last MatMul
                     extra_options={"MatMulConstBOnly": True})
     return out
 
@@ -89,6 +92,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--exclude-lm-head", action="store_true", help="keep the LM head in float (in both)")
+    parser.add_argument("--full-range", dest="reduce_range", action="store_false",
+                        help="8-bit weights (uint8 in ONNX: exact on any x86, but the slower uint8 x uint8 kernels)")
     args = parser.parse_args()
 
     import qfx
@@ -103,13 +109,14 @@ def main() -> int:
         fp32_path = write_fp32_onnx(model, tmp / "fp32")
         seconds["fp32_export"] = time.perf_counter() - start
         spec = {"version": 1, "target": "cpu", "calibration": CALIBRATION,
-                "quantization": {"preset": "w8a8-int8", "exclude": ["lm_head"]},
+                "quantization": {"preset": "w8a8-int8", "default": {"weight": {"reduce_range": args.reduce_range}},
+                                 "exclude": ["lm_head"] if args.exclude_lm_head else []},
                 "output": {"dir": str(tmp / "qfx"), "formats": ["safetensors", "onnx"]}}
         start = time.perf_counter()
         result = qfx.compile(model, spec)
         seconds["qfx_build"] = time.perf_counter() - start
         start = time.perf_counter()
-        ort_path = ort_quantize(fp32_path, tmp / "ort.onnx")
+        ort_path = ort_quantize(fp32_path, tmp / "ort.onnx", args.exclude_lm_head)
         seconds["ort_quantize"] = time.perf_counter() - start
         del model
 
@@ -132,7 +139,7 @@ def main() -> int:
     out = {
         "benchmark": "ORT CPU latency (batch 1, seq 128) and logits error: qfx W8A8 ONNX vs fp32 ONNX vs "
                      "onnxruntime.quantization.quantize_static",
-        "runs": args.runs, "latency_ms": {k: round(1000 * v, 3) for k, v in median.items()},
+        "runs": args.runs, "lm_head": "float" if args.exclude_lm_head else "quantized", "qfx_weights": "7-bit (reduce_range)" if args.reduce_range else "8-bit", "latency_ms": {k: round(1000 * v, 3) for k, v in median.items()},
         "speedup_over_fp32": {k: round(median["fp32"] / median[k], 3) for k in ("qfx", "ort")},
         "logits_rel_error_vs_fp32": errors, "qfx_verify": result.manifest["verify"],
         "seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -63,7 +63,11 @@ def _verify(args) -> int:
     print(f"  {figures['tensors_identical']} stored tensors bit-identical")
     print(f"  outputs on {figures['inputs']}: ONNX Runtime ({', '.join(figures['providers'])}) vs torch "
           f"relative error {figures['output_rel_error']:.3g} (tolerance {figures['tolerance']:g}), "
-          f"max abs {figures['max_abs_error']:.3g}")
+          f"max abs {figures['max_abs_error']:.3g}, with {figures['activations_fed']} quantized activations "
+          f"fed layer by layer")
+    print(f"  activation values that differ (codes flipped by float rounding): "
+          f"{100 * figures['activation_values_differing']:.4g}%; running free, relative error "
+          f"{figures['free_running_rel_error']:.3g}")
     return 0
 
 

@@ -45,7 +45,7 @@ def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
     dynamic = scheme.granularity is Granularity.per_token
     observer = None if dynamic else (scheme.observer or ObserverKind.minmax)
     return TensorFormat(dtype=dtype, granularity=scheme.granularity, symmetric=scheme.symmetric,
-                        group_size=scheme.group_size or 0, observer=observer)
+                        group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range)
 
 
 def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource

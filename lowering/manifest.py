@@ -65,9 +65,12 @@ def render_report(manifest: dict) -> str:
     if verify:
         lines += [f"## Verified: model.safetensors = model.onnx ({verify['inputs']})", "",
                   f"- stored codes, scales and zero points bit-identical: {verify['tensors_identical']} tensors",
-                  f"- ONNX Runtime ({', '.join(verify['providers'])}) vs the torch artifact: relative error "
-                  f"{verify['output_rel_error']:.3g} (tolerance {verify['tolerance']:g}), "
-                  f"max abs error {verify['max_abs_error']:.3g}", ""]
+                  f"- ONNX Runtime ({', '.join(verify['providers'])}) vs the torch artifact, quantized activations "
+                  f"fed layer by layer: relative error {verify['output_rel_error']:.3g} (tolerance "
+                  f"{verify['tolerance']:g}), max abs error {verify['max_abs_error']:.3g}",
+                  f"- activation values that differ (codes flipped by float rounding): "
+                  f"{100 * verify['activation_values_differing']:.4g}%; running free, relative error "
+                  f"{verify['free_running_rel_error']:.3g}", ""]
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
     for path, rec in manifest["layers"].items():

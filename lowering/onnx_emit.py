@@ -9,8 +9,10 @@ become packed INT4/UINT4 initializers. Everything else stays float.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
+import json
 import logging
 import re
 import warnings
@@ -29,6 +31,7 @@ from qfx.runtime import numerics, ops
 from qfx.runtime.errors import OutputError
 from qfx.runtime.formats import QDType
 from qfx.runtime.loader import ONNX_FILE
+from qfx.runtime.verify import META_ACTIVATIONS, META_ROOT
 
 ONNX_DATA = "model.onnx.data"
 OPSET = 21  # blocked DequantizeLinear (int4 groups) and FP8 QDQ need 21
@@ -143,6 +146,26 @@ def _restore_names(model: onnx.ModelProto) -> None:
                 node.input[i] = renames[name]
 
 
+def _activation_values(model: onnx.ModelProto, prefix: str) -> dict[str, list[str]]:
+    """ONNX value name of each dequantized activation -> [layer path, role], read from the
+    exporter's per-node scope metadata while it is still there. `qfx verify` feeds these values
+    from ONNX Runtime into the torch model, layer by layer."""
+    out = {}
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if "qfx.dequantize.default" not in meta.get("pkg.torch.onnx.fx_node", ""):
+            continue
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        if len(scopes) < 2 or scopes[-1] not in node.output:
+            continue  # not the node that yields the dequantized value
+        scale = node.input[1]
+        if scale.endswith("weight_scale"):
+            continue
+        role = "output" if scale.endswith("output_scale") else "input"
+        out[scopes[-1]] = [scopes[-2].removeprefix(prefix), role]
+    return out
+
+
 def _export_failure(gm: torch.fx.GraphModule, message: str, describe_node: Callable | None) -> str:
     """What the exporter could not translate: the node, its module, the spec rules that
     quantized it, and the exporter's reason."""
@@ -192,6 +215,10 @@ def write_onnx(folder: Path, gm: torch.fx.GraphModule, *, example: tuple, dynami
     model = program.model_proto
     _pack_int4(model)
     _restore_names(model)
+    metadata = dict(metadata, **{META_ACTIVATIONS: json.dumps(
+        _activation_values(model, metadata.get(META_ROOT, "")), sort_keys=True)})
+    for node in model.graph.node:
+        del node.metadata_props[:]  # exporter notes, including stack traces with this machine's paths
     for key, value in sorted(metadata.items()):
         model.metadata_props.add(key=key, value=value)
     path = folder / ONNX_FILE

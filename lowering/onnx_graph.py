@@ -6,7 +6,8 @@
 - For the `cpu` target, int8 codes are re-encoded as uint8 with the zero point moved by 128
   (the same real values). ONNX Runtime's x86 kernels multiply uint8 activations with uint8
   weights exactly; with int8 weights they use VPMADDUBSW, whose int16 pair sums saturate on
-  CPUs without VNNI.
+  CPUs without VNNI, unless every weight code is within ±64 (7-bit weights, `reduce_range`):
+  those stay int8, which is exact and about twice as fast.
 
 The result is a new GraphModule; the frozen graph and its tensors are not touched.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qfx.runtime import ops
-from qfx.runtime.layout import UINT8_ZERO, int8_as_uint8, weight_to_onnx
+from qfx.runtime.layout import UINT8_ZERO, int8_as_uint8, weight_codes_as_uint8, weight_to_onnx
 
 QDQ_OPS = (ops.QUANTIZE, ops.DEQUANTIZE)
 LINEAR = torch.ops.aten.linear.default
@@ -83,6 +84,8 @@ def _int8_as_uint8(graph: torch.fx.Graph, attrs: dict) -> None:
         first, scale, zero_point = node.args[:3]
         if scale.op != "get_attr":
             continue  # per-token (dynamic) codes are computed, not stored: they stay int8
+        if first.op == "get_attr" and not weight_codes_as_uint8(attrs[first.target]):
+            continue  # 7-bit weights: uint8 x int8 is exact for them, and faster
         if zero_point is None:
             name = scale.target.removesuffix("_scale") + "_zero_point"
             if name not in attrs:

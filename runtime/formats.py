@@ -74,6 +74,15 @@ class TensorFormat:
     symmetric: bool = True
     group_size: int = 0
     observer: ObserverKind | None = ObserverKind.minmax  # None: dynamic, nothing to observe
+    reduce_range: bool = False  # int8 weights in 7 bits, -64..63 (see the spec field)
+
+    @property
+    def qmin(self) -> float:
+        return -64 if self.reduce_range else self.dtype.qmin
+
+    @property
+    def qmax(self) -> float:
+        return 63 if self.reduce_range else self.dtype.qmax
 
     @property
     def dynamic(self) -> bool:
@@ -86,19 +95,23 @@ class TensorFormat:
         text += " sym" if self.symmetric else " asym"
         if self.observer is not None:
             text += f" {self.observer.value}"
+        if self.reduce_range:
+            text += " 7-bit"
         return text
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype.value, "granularity": self.granularity.value,
                 "symmetric": self.symmetric, "group_size": self.group_size,
-                "observer": None if self.observer is None else self.observer.value}
+                "observer": None if self.observer is None else self.observer.value,
+                **({"reduce_range": True} if self.reduce_range else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorFormat":
         observer = data.get("observer")
         return cls(dtype=QDType(data["dtype"]), granularity=Granularity(data["granularity"]),
                    symmetric=bool(data["symmetric"]), group_size=int(data.get("group_size", 0)),
-                   observer=None if observer is None else ObserverKind(observer))
+                   observer=None if observer is None else ObserverKind(observer),
+                   reduce_range=bool(data.get("reduce_range", False)))
 
 
 @dataclasses.dataclass(frozen=True)

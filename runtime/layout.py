@@ -102,6 +102,16 @@ def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
 UINT8_ZERO = 128
 
 
+# uint8 x int8 products summed in pairs fit int16 (VPMADDUBSW) when |code| <= 64: such weights
+# stay int8 in ONNX, the fast exact path (see the spec's reduce_range).
+U8S8_EXACT_LIMIT = 64
+
+
+def weight_codes_as_uint8(codes: torch.Tensor) -> bool:
+    """Whether int8 weight codes go to the cpu-target ONNX artifact re-encoded as uint8."""
+    return codes.dtype == torch.int8 and int(codes.to(torch.int16).abs().max()) > U8S8_EXACT_LIMIT
+
+
 def int8_as_uint8(t: torch.Tensor) -> torch.Tensor:
     return (t.to(torch.int16) + UINT8_ZERO).to(torch.uint8)
 

@@ -88,6 +88,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
                  if k.startswith(prefix) and "." not in k[len(prefix):]}
         layer = layer_from_artifact(layer, fmt)
         quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt)
+        quant.path = path
         for name, value in layer.items():
             if name in ("weight", "bias") and name in quant._parameters:
                 quant._parameters[name] = torch.nn.Parameter(value, requires_grad=False)

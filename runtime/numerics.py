@@ -58,13 +58,12 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
     """Scale (fp32) and zero point (in the code's storage dtype, or None when symmetric)."""
     lo = torch.clamp(lo.float(), max=0.0)  # the range always holds 0, so 0 is exact
     hi = torch.clamp(hi.float(), min=0.0)
-    q = fmt.dtype
     if fmt.symmetric:
         amax = torch.maximum(-lo, hi)
-        return torch.clamp(amax / q.qmax, min=MIN_SCALE), None
-    scale = torch.clamp((hi - lo) / (q.qmax - q.qmin), min=MIN_SCALE)
-    zero_point = torch.clamp(torch.round(q.qmin - lo / scale), q.qmin, q.qmax)
-    return scale, zero_point.to(q.storage)
+        return torch.clamp(amax / fmt.qmax, min=MIN_SCALE), None
+    scale = torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE)
+    zero_point = torch.clamp(torch.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
+    return scale, zero_point.to(fmt.dtype.storage)
 
 
 def weight_range(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torch.Tensor]:

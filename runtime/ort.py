@@ -35,13 +35,15 @@ def providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PROVIDERS if p in available]
 
 
-def session(model_path: Path, requested: list[str] | None = None):
+def session(model: Path | bytes, requested: list[str] | None = None):
+    """An InferenceSession for a model file (or serialized model bytes)."""
     import onnxruntime as ort
 
-    if not Path(model_path).is_file():
-        raise ArtifactError(f"{model_path} does not exist", hint="build with output.formats: [safetensors, onnx]")
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise ArtifactError(f"{model} does not exist", hint="build with output.formats: [safetensors, onnx]")
     options = ort.SessionOptions()
     for key, value in EXACT_CPU_OPTIONS.items():
         options.add_session_config_entry(key, value)
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
-    return ort.InferenceSession(str(model_path), options, providers=providers(requested))
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=providers(requested))

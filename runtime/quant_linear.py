@@ -5,6 +5,9 @@ so a reloaded artifact and the compiled graph give bit-identical outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +25,40 @@ def qdq_activation(x: torch.Tensor, fmt: TensorFormat, scale: torch.Tensor | Non
     return ops.dequantize(codes, scale, zero_point, fmt.dtype.value, 0, 0, x.dtype)
 
 
+SAME_VALUE_TOLERANCE = 1e-6  # of the tensor's largest magnitude: far below any step between codes
+_FORCED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("qfx_forced_activations", default=None)
+
+
+@contextlib.contextmanager
+def forced_activations(values: dict[tuple[str, str], torch.Tensor]):
+    """Inside, each QuantLinear takes its quantized activation from `values[(layer path, role)]`
+    (role "input" or "output") instead of its own, and counts how many elements of its own
+    differ. Yields that count per key. `qfx verify` uses this to compare a second runtime's
+    model layer by layer: a code that flips on a float rounding difference then cannot
+    cascade through later layers."""
+    differing: dict[tuple[str, str], int] = {}
+    token = _FORCED.set({"values": values, "differing": differing})
+    try:
+        yield differing
+    finally:
+        _FORCED.reset(token)
+
+
+def _maybe_forced(x: torch.Tensor, path: str, role: str) -> torch.Tensor:
+    forced = _FORCED.get()
+    if forced is None or (path, role) not in forced["values"]:
+        return x
+    value = forced["values"][(path, role)].to(x.dtype)
+    if value.shape != x.shape:
+        forced["differing"][(path, role)] = x.numel()
+        return value
+    # A flipped code moves a value by a quantization step; a per-token scale one float ulp apart
+    # moves every value of its token by an ulp, which is not a difference of codes.
+    bound = SAME_VALUE_TOLERANCE * float(x.abs().max())
+    forced["differing"][(path, role)] = int(((value - x).abs() > bound).sum())
+    return value
+
+
 class QuantLinear(torch.nn.Module):
     """Holds codes and qparams as buffers named as in the compiled graph."""
 
@@ -29,6 +66,7 @@ class QuantLinear(torch.nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.fmt, self.dtype = in_features, out_features, fmt, dtype
+        self.path = ""  # the layer's module path in the model (set by the loader)
         if fmt.weight is None:
             self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                              requires_grad=False)
@@ -38,8 +76,8 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
         if fmt.input is not None:
-            x = qdq_activation(x, fmt.input, getattr(self, "input_scale", None),
-                               getattr(self, "input_zero_point", None))
+            x = _maybe_forced(qdq_activation(x, fmt.input, getattr(self, "input_scale", None),
+                                             getattr(self, "input_zero_point", None)), self.path, "input")
         weight = self.weight
         if fmt.weight is not None:
             weight = ops.dequantize(weight, self.weight_scale, getattr(self, "weight_zero_point", None),
@@ -47,8 +85,8 @@ class QuantLinear(torch.nn.Module):
                                     fmt.weight.group_size, x.dtype)
         y = F.linear(x, weight, self.bias)
         if fmt.output is not None:
-            y = qdq_activation(y, fmt.output, getattr(self, "output_scale", None),
-                               getattr(self, "output_zero_point", None))
+            y = _maybe_forced(qdq_activation(y, fmt.output, getattr(self, "output_scale", None),
+                                             getattr(self, "output_zero_point", None)), self.path, "output")
         return y
 
     def extra_repr(self) -> str:

@@ -84,3 +84,15 @@ def test_sqnr_is_infinite_for_exact_and_finite_otherwise():
     w = torch.randn(4, 4)
     assert numerics.sqnr_db(w, w) == float("inf")
     assert 0 < numerics.sqnr_db(w, w + 0.01) < 100
+
+
+def test_reduced_range_int8_weights_use_seven_bits():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    for symmetric, bounds in ((True, (-63, 63)), (False, (-64, 63))):
+        fmt = TensorFormat(QDType.int8, Granularity.per_channel, symmetric=symmetric, reduce_range=True)
+        codes, scale, zero_point = numerics.quantize_weight(w, fmt)
+        assert int(codes.min()) == bounds[0] or not symmetric  # each row reaches its extremes
+        assert int(codes.min()) >= bounds[0] and int(codes.max()) <= bounds[1]
+        back = numerics.dequantize(codes, scale, zero_point, QDType.int8, 0)
+        assert float((back - w).abs().max()) <= float(scale.max()) / 2 + 1e-6  # half a step
+    assert TensorFormat.from_json(fmt.to_json()) == fmt

@@ -54,6 +54,10 @@ def test_every_spec_emits_checked_opset21_qdq_that_verifies(built, name):
     assert verify["output_rel_error"] <= verify["tolerance"]
     assert verify["output_rel_error"] < 10 * measured
     assert verify["tensors_identical"] >= 14
+    quantized_activations = sum(1 for rec in result.manifest["layers"].values()
+                                for role in ("input", "output") if rec["format"][role])
+    assert verify["activations_fed"] == quantized_activations
+    assert verify["activation_values_differing"] == 0  # measured 0 on every tiny spec
     assert "Verified" in (result.artifact_dir / "report.md").read_text()
 
 
@@ -136,3 +140,48 @@ def test_an_op_onnx_cannot_express_is_named_with_its_module(tmp_path):
     message = str(info.value)
     assert "ONNX export failed at node" in message and "wobble" in message
     assert isinstance(info.value, UserError) and not (tmp_path / "out").exists()
+
+
+def test_a_graph_that_computes_differently_fails_the_fed_comparison(built, tmp_path):
+    """Bit-identical tensors are not enough: a DequantizeLinear that reads another layer's
+    scale (an emitter bug) must fail verify's layer-by-layer comparison."""
+    import shutil
+
+    from qfx.runtime.hashing import sha256_file
+
+    folder = tmp_path / "miswired"
+    shutil.copytree(built["tiny-w8a8-int8.yaml"].artifact_dir, folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    wrong = "hf.model.layers.0.self_attn.o_proj.input_scale"
+    target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                  and n.input[1] == "hf.model.layers.0.mlp.down_proj.input_scale")
+    target.input[1] = wrong
+    onnx.save(model, str(folder / "model.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifact"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="of activation values differ"):
+        verify_artifact(folder)
+
+
+def test_seven_bit_weights_stay_int8_for_the_fast_exact_cpu_kernels(tmp_path):
+    spec = tiny_spec(tmp_path, preset="w8a8-int8", default={"weight": {"reduce_range": True}}, exclude=["lm_head"])
+    spec["output"]["formats"] = ["safetensors", "onnx"]
+    result = qfx.compile(spec=spec)
+    model = onnx.load(str(result.artifact_dir / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight = inits["hf.model.layers.0.self_attn.q_proj.weight"]
+    assert weight.dtype == "int8" and weight.min() >= -64 and weight.max() <= 63
+    assert inits["hf.model.layers.0.self_attn.q_proj.input_zero_point"].dtype == "uint8"  # activations u8
+    assert result.manifest["verify"]["output_rel_error"] < 1e-4
+    assert "7-bit" in (result.artifact_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"preset": "w8a8-int8", "default": {"input": {"reduce_range": True}}}, "reduce_range applies to weights"),
+    ({"default": {"weight": {"dtype": "int4", "granularity": "per_group", "group_size": 32, "reduce_range": True}}},
+     "reduce_range applies to int8 weights"),
+])
+def test_reduce_range_is_for_int8_weights_only(quantization, message, tmp_path):
+    with pytest.raises(SpecError, match=message):
+        qfx.compile(spec=tiny_spec(tmp_path, **quantization))
