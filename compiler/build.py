@@ -208,6 +208,8 @@ def _wants_onnx(cfg) -> bool:
 
 
 def _onnx_options(cfg, bundle: ModelBundle, example: tuple) -> dict:
+    """write_onnx's arguments: I/O names by model kind, the exported example's shapes (verify
+    draws its random inputs from them), and what verify must know to pair tensors."""
     if bundle.kind == "causal_lm":
         names, outputs = ["input_ids"], ["logits"]
         inputs = [{"shape": list(example[0].shape), "dtype": "int64", "high": bundle.vocab_size}]

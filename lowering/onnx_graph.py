@@ -28,6 +28,7 @@ def _attr(gm: torch.nn.Module, target: str):
 
 
 def onnx_ready(gm: torch.fx.GraphModule, uint8_codes: bool) -> torch.fx.GraphModule:
+    """A copy of `gm` (sharing its untouched tensors) in the form above."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     attrs: dict[str, object] = {}
