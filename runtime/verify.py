@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -163,7 +164,8 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
     # ONNX Runtime runs once, reporting every dequantized activation beside the model output.
     for name in activations:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = session(_serialized(proto, folder), providers)
+    with _model_source(proto, folder) as source:
+        sess = session(source, providers)
     names = [i.name for i in sess.get_inputs()]
     got, *values = sess.run([proto.graph.output[0].name, *activations],
                             {n: t.numpy() for n, t in zip(names, inputs)})
@@ -195,10 +197,20 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
     return figures
 
 
-def _serialized(proto, folder: Path) -> bytes:
-    """The model as bytes for ONNX Runtime, its external initializers (if any) read in."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+@contextlib.contextmanager
+def _model_source(proto, folder: Path):
+    """What ONNX Runtime opens: the model's bytes, or, when its initializers live in external
+    data (models over 2 GB, beyond protobuf's limit), a temporary file beside that data."""
+    from onnx.external_data_helper import uses_external_data
 
-    if any(uses_external_data(t) for t in proto.graph.initializer):
-        load_external_data_for_model(proto, str(folder))
-    return proto.SerializeToString()
+    if not any(uses_external_data(t) for t in proto.graph.initializer):
+        yield proto.SerializeToString()
+        return
+    import onnx
+
+    path = folder / ".qfx-verify.onnx"
+    onnx.save_model(proto, str(path))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
