@@ -25,7 +25,7 @@ from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
-from qfx.runtime.evaluate import compare_outputs
+from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
 from qfx.runtime.verify import META_INPUTS, META_ROOT, META_UINT8, verify_artifact
@@ -62,13 +62,6 @@ def _example(data: CalibrationSet) -> tuple:
     # Two samples, so export treats the batch size as dynamic rather than specializing on 1.
     first = tuple(t[:2] for t in data.inputs)
     return first if first[0].shape[0] == 2 else tuple(torch.cat([t, t]) for t in first)
-
-
-def _tensor_output(out):
-    """The output tensor of a captured model (HF wrappers return one; plain modules may nest it)."""
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
@@ -125,8 +118,9 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             bundle = _bundle(model, example_inputs, cfg)
             data = calibration_set(cfg.calibration, bundle)
             state_sha256 = _state_sha256(bundle) if out is not None else None
+        example = _example(data)
         with _timed(seconds, "export"):
-            gm = export(bundle, _example(data))
+            gm = export(bundle, example)
         linears = _linears(gm, bundle.root_prefix)
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
 
@@ -147,14 +141,14 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 # Passes edit only the captured graph's own modules, so the eager model is still
                 # the float model the graph was captured from.
                 check_batch = next(data.batches(CHECK_SAMPLES))
-                reference = _tensor_output(bundle.module(*check_batch))
-                check = _output_check(reference, _tensor_output(gm(*check_batch)), bundle.kind, check_batch[0].shape[0])
+                reference = first_tensor(bundle.module(*check_batch))
+                check = _output_check(reference, first_tensor(gm(*check_batch)), bundle.kind, check_batch[0].shape[0])
 
         manifest = None
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
-                onnx = _onnx_options(cfg, bundle, _example(data)) if _wants_onnx(cfg) else None
+                onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify)
         return CompileResult(gm, plan, manifest, out.target if out else None,
@@ -244,7 +238,8 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             onnx=onnx)
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None
-            manifest["verify"] = verify_artifact(out.tmp, model=float_model)
+            # check_hashes=False: the build wrote these files and their hashes a moment ago
+            manifest["verify"] = verify_artifact(out.tmp, model=float_model, check_hashes=False)
             write_manifest(out.tmp, manifest)
         out.commit()
     except OSError as exc:

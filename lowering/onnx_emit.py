@@ -123,29 +123,6 @@ def _pack_int4(model: onnx.ModelProto) -> None:
             graph.value_info.remove(info)  # they typed the int8 source; shape inference retypes
 
 
-def _restore_names(model: onnx.ModelProto) -> None:
-    """Stored codes and zero points keep their graph names (`<module>.weight`, ...), which the
-    exporter's constant folding replaces when it folds the int4 cast: `qfx verify` pairs them
-    with model.safetensors by name. The scale beside them always keeps its name."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    renames: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or not node.input[1].endswith("_scale"):
-            continue
-        base = node.input[1].removesuffix("_scale")
-        wanted = {0: base, 2: base + "_zero_point"}
-        for i, name in wanted.items():
-            if i < len(node.input) and node.input[i] in inits and node.input[i] != name and name not in inits:
-                renames[node.input[i]] = name
-    for old, new in renames.items():
-        inits[old].name = new
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-
-
 def _activation_values(model: onnx.ModelProto, prefix: str) -> dict[str, list[str]]:
     """ONNX value name of each dequantized activation -> [layer path, role], read from the
     exporter's per-node scope metadata while it is still there. `qfx verify` feeds these values
@@ -214,7 +191,6 @@ def write_onnx(folder: Path, gm: torch.fx.GraphModule, *, example: tuple, dynami
                           hint="exclude that module in the spec, or drop onnx from output.formats") from None
     model = program.model_proto
     _pack_int4(model)
-    _restore_names(model)
     metadata = dict(metadata, **{META_ACTIVATIONS: json.dumps(
         _activation_values(model, metadata.get(META_ROOT, "")), sort_keys=True)})
     for node in model.graph.node:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qfx.runtime import ops
-from qfx.runtime.layout import UINT8_ZERO, int8_as_uint8, weight_codes_as_uint8, weight_to_onnx
+from qfx.runtime.layout import int8_as_uint8, uint8_zero_point, weight_codes_as_uint8, weight_to_onnx
 
 QDQ_OPS = (ops.QUANTIZE, ops.DEQUANTIZE)
 LINEAR = torch.ops.aten.linear.default
@@ -90,12 +90,13 @@ def _int8_as_uint8(graph: torch.fx.Graph, attrs: dict) -> None:
         if zero_point is None:
             name = scale.target.removesuffix("_scale") + "_zero_point"
             if name not in attrs:
-                attrs[name] = torch.full_like(attrs[scale.target], UINT8_ZERO, dtype=torch.uint8)
+                attrs[name] = uint8_zero_point(attrs[scale.target], None)
                 shifted.add(name)
             with graph.inserting_before(node):
                 zero_point = graph.get_attr(name)
-        else:
-            shift(zero_point.target)
+        elif zero_point.target not in shifted:
+            attrs[zero_point.target] = uint8_zero_point(attrs[scale.target], attrs[zero_point.target])
+            shifted.add(zero_point.target)
         if node.target is ops.DEQUANTIZE and first.op == "get_attr":
             shift(first.target)  # stored weight codes
         node.args = (first, scale, zero_point, "uint8", *node.args[4:])

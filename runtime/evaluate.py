@@ -28,6 +28,13 @@ def perplexity(logits_fn: Logits, ids: torch.Tensor, window: int = 256) -> dict:
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
 
 
+def first_tensor(out):
+    """A model's output tensor: Hugging Face wrappers return one, plain modules may nest it."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 def compare_outputs(reference: torch.Tensor, quantized: torch.Tensor, top1: bool) -> dict:
     ref, q = reference.float(), quantized.float()
     out = {"rel_error": math.sqrt(sum_squares(q - ref) / max(sum_squares(ref), 1e-300))}

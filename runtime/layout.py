@@ -116,6 +116,13 @@ def int8_as_uint8(t: torch.Tensor) -> torch.Tensor:
     return (t.to(torch.int16) + UINT8_ZERO).to(torch.uint8)
 
 
+def uint8_zero_point(scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """The uint8 zero point beside re-encoded codes: the int8 one shifted, or 128 where symmetric."""
+    if zero_point is None:
+        return torch.full_like(scale, UINT8_ZERO, dtype=torch.uint8)
+    return int8_as_uint8(zero_point)
+
+
 def weight_to_onnx(tensors: dict[str, torch.Tensor | None], group_size: int) -> tuple[dict[str, torch.Tensor | None], int]:
     """A graph weight's codes, scale and zero point ([out, in]) as the ONNX artifact stores them:
     transposed to [in, out], so DequantizeLinear feeds MatMul directly. Returns the tensors and

@@ -22,16 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.evaluate import compare_outputs
+from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerFormat, QDType
 from qfx.runtime.layout import (
-    UINT8_ZERO,
     int8_as_uint8,
     layer_from_artifact,
+    uint8_zero_point,
     weight_codes_as_uint8,
     weight_to_onnx,
 )
-from qfx.runtime.loader import MODEL_FILE, ONNX_FILE, check_hashes, load, read_manifest
+from qfx.runtime.loader import MODEL_FILE, ONNX_FILE, load, read_manifest
+from qfx.runtime.loader import check_hashes as check_file_hashes
 from qfx.runtime.quant_linear import forced_activations
 
 # Outputs of torch and ONNX Runtime agree to float rounding, except where that rounding flips
@@ -71,9 +72,7 @@ def _onnx_form(layer: dict[str, torch.Tensor], fmt: LayerFormat, uint8_codes: bo
                 continue
             if role == "weight" and not weight_codes_as_uint8(out["weight"]):
                 continue  # 7-bit weights stay int8
-            zp = f"{role}_zero_point"
-            out[zp] = (int8_as_uint8(out[zp]) if zp in out
-                       else torch.full_like(out[f"{role}_scale"], UINT8_ZERO, dtype=torch.uint8))
+            out[f"{role}_zero_point"] = uint8_zero_point(out[f"{role}_scale"], out.get(f"{role}_zero_point"))
             if role == "weight":
                 out["weight"] = int8_as_uint8(out["weight"])
     return out
@@ -132,14 +131,11 @@ def _torch_output(model: torch.nn.Module, kind: str, inputs: tuple) -> torch.Ten
             return model(input_ids=inputs[0], use_cache=False).logits
         if kind == "encoder":
             return model(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state
-        out = model(*inputs)
-        while isinstance(out, (tuple, list)):
-            out = out[0]
-        return out
+        return first_tensor(model(*inputs))
 
 
-def verify_artifact(folder: str | Path, providers: list[str] | None = None, model: torch.nn.Module | None = None
-                    ) -> dict:
+def verify_artifact(folder: str | Path, providers: list[str] | None = None, model: torch.nn.Module | None = None,
+                    check_hashes: bool = True) -> dict:
     """Run (a) and (b) on the artifact in `folder`; return the figures, or raise ArtifactError."""
     import onnx
 
@@ -153,7 +149,8 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
                             hint="build with output.formats: [safetensors, onnx]")
     proto = onnx.load(str(onnx_path), load_external_data=False)
     compared = compare_tensors(folder, manifest, proto)  # before the hashes: an edit is named by tensor
-    check_hashes(folder, manifest)
+    if check_hashes:
+        check_file_hashes(folder, manifest)
     meta = {p.key: p.value for p in proto.metadata_props}
     inputs = _inputs(json.loads(meta[META_INPUTS]))
     activations = {name: tuple(key) for name, key in json.loads(meta.get(META_ACTIVATIONS, "{}")).items()}
