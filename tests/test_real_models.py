@@ -99,13 +99,13 @@ def ort_session(folder):
 
 # Running free over 256-token windows, ONNX Runtime and torch drift apart where a float rounding
 # difference flips an activation code (verify, which feeds activations layer by layer, finds the
-# two equal to 6e-8 with 3.5e-5 of FP8 activation values flipped). FP8's coarse codes make each
-# flip cost more, so its perplexities agree to 2 decimals, int8's to 3.
+# two equal to 7e-8 with 2.4e-6 of FP8 activation values flipped). Equal to 3 decimals: the
+# limit is half a unit of the third decimal.
 @pytest.mark.parametrize("name, quantization, target, limit", [
-    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 5e-4),  # measured 10.828910 vs 10.828799
+    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 5e-4),  # measured 10.828910 vs 10.828800
     ("fp8-gfx942-fnuz-kv", {"preset": "w8a8-fp8", "rules": [
         {"match": ["*k_proj", "*v_proj"], "output": {"dtype": "fp8_e4m3", "granularity": "per_tensor"}}]}, "gfx942",
-     5e-3),  # measured 10.877429 vs 10.875143
+     5e-4),  # measured 10.877429 vs 10.877140
 ])
 def test_tinystories_onnx_perplexity_equals_the_torch_artifacts(name, quantization, target, limit, story_ids,
                                                                 tmp_path):
