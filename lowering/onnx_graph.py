@@ -9,6 +9,8 @@
   CPUs without VNNI, unless every weight code is within ±64 (7-bit weights, `reduce_range`):
   those stay int8, which is exact and about twice as fast.
 
+- Quantizers of one tensor with equal scales (q/k/v, gate/up) become one QuantizeLinear.
+
 The result is a new GraphModule; the frozen graph and its tensors are not touched.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ def onnx_ready(gm: torch.fx.GraphModule, uint8_codes: bool) -> torch.fx.GraphMod
             attrs[node.target] = gm.get_submodule(node.target)
     for linear in [n for n in graph.nodes if n.op == "call_function" and n.target is LINEAR]:
         _to_matmul(linear, attrs)
+    _share_quantizers(graph, attrs)
     if uint8_codes:
         _int8_as_uint8(graph, attrs)
     graph.lint()
@@ -68,6 +71,30 @@ def _to_matmul(linear: torch.fx.Node, attrs: dict) -> None:
             out = graph.call_function(torch.ops.aten.add.Tensor, (out, bias))
     linear.replace_all_uses_with(out)
     graph.erase_node(linear)
+
+
+def _share_quantizers(graph: torch.fx.Graph, attrs: dict) -> None:
+    """One QuantizeLinear per tensor and quantization: q/k/v (and gate/up) read the same input,
+    and their observers saw the same values, so they hold equal scales and make equal codes.
+    Each layer keeps its own DequantizeLinear and scale; ONNX Runtime then quantizes once."""
+    def same(a, b) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a.op == b.op == "get_attr" and attrs[a.target].dtype == attrs[b.target].dtype \
+            and torch.equal(attrs[a.target], attrs[b.target])
+
+    kept: dict[tuple, list[torch.fx.Node]] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not ops.QUANTIZE:
+            continue
+        x, scale, zero_point, *params = node.args
+        candidates = kept.setdefault((x, *params), [])
+        twin = next((k for k in candidates if same(scale, k.args[1]) and same(zero_point, k.args[2])), None)
+        if twin is None:
+            candidates.append(node)
+        else:
+            node.replace_all_uses_with(twin)
+            graph.erase_node(node)
 
 
 def _int8_as_uint8(graph: torch.fx.Graph, attrs: dict) -> None:

@@ -70,6 +70,20 @@ def test_kv_cache_and_per_token_become_standard_ops(built):
     assert "ReduceMax" in ops and "Round" in ops and "QuantizeLinear" not in ops
 
 
+def test_layers_reading_one_input_share_one_quantize_linear(built):
+    """q/k/v and gate/up quantize the same tensor with equal scales: one QuantizeLinear each."""
+    result = built["tiny-w8a8-int8.yaml"]
+    model = onnx.load(str(result.artifact_dir / "model.onnx"))
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    inputs = [n.input[0] for n in quantizers]
+    assert len(inputs) == len(set(inputs))  # no tensor quantized twice
+    layers = {path.split(".mlp")[0].split(".self_attn")[0] for path in result.plan}
+    inputs = [n for n in quantizers if n.input[1].endswith("input_scale")]
+    assert len(inputs) == 4 * len(layers)  # qkv, o, gate/up, down per decoder layer (57 -> 33 on the bench Llama)
+    consumers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizers[0].output[0]]
+    assert len(consumers) == 3  # q_proj, k_proj, v_proj each keep their own scale
+
+
 def test_verify_cli_reports_and_a_missing_provider_is_named(built, capsys):
     from qfx.cli import main
 
