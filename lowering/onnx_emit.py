@@ -35,7 +35,9 @@ from qfx.runtime.verify import META_ACTIVATIONS, META_ROOT
 
 ONNX_DATA = "model.onnx.data"
 OPSET = 21  # blocked DequantizeLinear (int4 groups) and FP8 QDQ need 21
-PROTOBUF_LIMIT = 2 << 30  # larger models keep their initializers in ONNX_DATA
+# Initializers of more bytes than this go to ONNX_DATA: protobuf cannot serialize a message
+# over 2 GiB, and the graph itself needs some room.
+EXTERNAL_DATA_ABOVE = (2 << 30) - (64 << 20)
 
 ONNX_TYPES = {QDType.int8: ir.DataType.INT8, QDType.uint8: ir.DataType.UINT8, QDType.int4: ir.DataType.INT4,
               QDType.uint4: ir.DataType.UINT4, QDType.fp8_e4m3fn: ir.DataType.FLOAT8E4M3FN,
@@ -207,7 +209,7 @@ def write_onnx(folder: Path, gm: torch.fx.GraphModule, *, example: tuple, dynami
     for key, value in sorted(metadata.items()):
         model.metadata_props.add(key=key, value=value)
     path = folder / ONNX_FILE
-    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (64 << 20)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=ONNX_DATA)
     onnx.checker.check_model(str(path), full_check=True)
     return [ONNX_FILE, ONNX_DATA] if big else [ONNX_FILE]

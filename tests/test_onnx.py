@@ -215,3 +215,22 @@ def test_silu_computes_as_torch_does_so_codes_downstream_do_not_flip(tmp_path):
     want = torch.nn.functional.silu(example[0])
     assert (got != want).float().mean() < 0.1  # measured 0.043 (x * Sigmoid(x): 0.62)
     assert torch.allclose(got, want, rtol=1e-6, atol=0)  # measured 2.2e-7 at most (one ulp)
+
+
+def test_models_over_the_protobuf_limit_keep_initializers_in_external_data(tmp_path, monkeypatch):
+    from onnx.external_data_helper import uses_external_data
+
+    import qfx.lowering.onnx_emit as emit
+
+    monkeypatch.setattr(emit, "EXTERNAL_DATA_ABOVE", 0)  # the tiny model takes the over-2-GB path
+    spec = tiny_spec(tmp_path, preset="w8a8-int8", exclude=["lm_head"])
+    spec["output"]["formats"] = ["safetensors", "onnx"]
+    result = qfx.compile(spec=spec)  # the build verifies the artifact as written
+    folder = result.artifact_dir
+    assert "model.onnx.data" in result.manifest["artifact"] and (folder / "model.onnx.data").is_file()
+    onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert any(uses_external_data(t) for t in proto.graph.initializer)
+    figures = verify_artifact(folder)  # reads codes from model.onnx.data, runs ORT beside it
+    assert figures["tensors_identical"] >= 14 and figures["output_rel_error"] < 1e-4  # measured 1.7e-7
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary left
