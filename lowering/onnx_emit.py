@@ -5,7 +5,8 @@ target), then torch.onnx's exporter, with the `qfx::` ops translated here one to
 qfx::quantize -> QuantizeLinear, qfx::dequantize -> DequantizeLinear (axis, block_size),
 qfx::quantize_per_token -> ReduceMax/Div/Round/Clip/Cast, the same arithmetic in the same order
 as `qfx.runtime.numerics`, so ONNX Runtime computes the numbers torch does. int4/uint4 codes
-become packed INT4/UINT4 initializers. Everything else stays float.
+become packed INT4/UINT4 initializers. Everything else stays float, in torch.onnx's form,
+except SiLU, written in torch's own formula so that ONNX Runtime's values match torch's.
 """
 from __future__ import annotations
 
