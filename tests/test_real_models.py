@@ -99,13 +99,13 @@ def ort_session(folder):
 
 # Running free over 256-token windows, ONNX Runtime and torch drift apart where a float rounding
 # difference flips an activation code (verify, which feeds activations layer by layer, finds the
-# two equal to 7e-8 with 2.4e-6 of FP8 activation values flipped). Equal to 3 decimals: the
-# limit is half a unit of the third decimal.
+# two equal to 7e-8 with no FP8 activation value flipped, 6.8e-6 of int8 ones). Equal to 3
+# decimals: the limit is half a unit of the third decimal.
 @pytest.mark.parametrize("name, quantization, target, limit", [
-    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 5e-4),  # measured 10.828910 vs 10.828800
+    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 5e-4),  # measured 10.828910 vs 10.828647
     ("fp8-gfx942-fnuz-kv", {"preset": "w8a8-fp8", "rules": [
         {"match": ["*k_proj", "*v_proj"], "output": {"dtype": "fp8_e4m3", "granularity": "per_tensor"}}]}, "gfx942",
-     5e-4),  # measured 10.877429 vs 10.877140
+     5e-4),  # measured 10.877429 vs 10.877426
 ])
 def test_tinystories_onnx_perplexity_equals_the_torch_artifacts(name, quantization, target, limit, story_ids,
                                                                 tmp_path):
@@ -148,4 +148,4 @@ def test_minilm_onnx_cosine_equals_the_torch_artifacts(name, quantization, targe
     in_ort = mean_pooled(torch.from_numpy(ort_session(folder).run(None, feeds)[0]), mask)
     cos_torch, cos_ort = mean_cosine(fp, in_torch), mean_cosine(fp, in_ort)
     print(f"{name}: mean cosine torch {cos_torch:.6f}, ONNX Runtime {cos_ort:.6f}")
-    assert abs(cos_torch - cos_ort) < 5e-4  # equal to 3 decimals; measured 1.3e-4 (int8), 3e-6 (fp8)
+    assert abs(cos_torch - cos_ort) < 5e-4  # equal to 3 decimals; measured 1.3e-4 (int8), 5e-6 (fp8)
