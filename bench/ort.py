@@ -20,9 +20,9 @@ Latency: batch 1, sequence 128, every session opened the same way (qfx.runtime.o
 ORT_ENABLE_ALL); 3 warm-up runs, then the three models take turns in blocks of 5 timed runs, so
 machine drift hits all alike; medians of --runs. Each turn starts with one untimed run: the
 first run after another session's was 25-40 ms slower for every model (measured), a cost of
-sharing one process that a process serving one model does not pay. Error: logits relative error against the fp32 ONNX on 4
-held-out samples (seed 1). Targets: qfx >= 1.8x faster than fp32, and qfx's error <= ort's.
-Writes bench/results/ort.json and prints it; --check exits 1 when a target is missed.
+sharing one process that a process serving one model does not pay. Error: logits relative
+error against the fp32 ONNX on 4 held-out samples (seed 1). Targets: qfx >= 1.8x faster than
+fp32, and qfx's error <= ort's. Writes bench/results/ort.json and prints it; --check exits 1 when a target is missed.
 """
 from __future__ import annotations
 

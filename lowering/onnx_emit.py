@@ -6,7 +6,8 @@ qfx::quantize -> QuantizeLinear, qfx::dequantize -> DequantizeLinear (axis, bloc
 qfx::quantize_per_token -> ReduceMax/Div/Round/Clip/Cast, the same arithmetic in the same order
 as `qfx.runtime.numerics`, so ONNX Runtime computes the numbers torch does. int4/uint4 codes
 become packed INT4/UINT4 initializers. Everything else stays float, in torch.onnx's form,
-except SiLU, written in torch's own formula so that ONNX Runtime's values match torch's.
+except SiLU and attention, written in torch's own formula and order so that ONNX Runtime's
+values match torch's (a float difference can move an activation code downstream).
 """
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ def _attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_cau
     the form ONNX Runtime fuses: Transpose and the constant scale fold into one FusedMatMul.
     The exporter's own form scales Q and K by sqrt(scale) through a reshape/transpose of K and
     guards the softmax with IsNaN/Where, which cannot fire here (masked scores are the float
-    minimum, never -inf) and cost about 3 ms of a 150 ms Llama run. Training-time variants (dropout,
-    is_causal without a mask, grouped KV) and non-float32 graphs keep the exporter's form."""
+    minimum, never -inf) and cost about 3 ms of a 150 ms Llama run. Training-time variants
+    (dropout, is_causal without a mask, grouped KV) and non-float32 graphs keep the exporter's
+    form."""
     head = query.shape[-1] if query.shape is not None and len(query.shape) == 4 else None
     if dropout_p or is_causal or enable_gqa or not isinstance(head, int) or query.dtype != ir.DataType.FLOAT:
         return exporter_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

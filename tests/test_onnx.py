@@ -80,7 +80,8 @@ def test_layers_reading_one_input_share_one_quantize_linear(built):
     layers = {path.split(".mlp")[0].split(".self_attn")[0] for path in result.plan}
     inputs = [n for n in quantizers if n.input[1].endswith("input_scale")]
     assert len(inputs) == 4 * len(layers)  # qkv, o, gate/up, down per decoder layer (57 -> 33 on the bench Llama)
-    consumers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizers[0].output[0]]
+    consumers = [n for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] == quantizers[0].output[0]]
     assert len(consumers) == 3  # q_proj, k_proj, v_proj each keep their own scale
 
 
