@@ -129,13 +129,18 @@ def main() -> int:
         "targets_met": {"time": build_s / forward_s <= TIME_TARGET, "memory": peak <= budget},
         "runs": {"forward": forwards, "build": builds},
     }
+    return publish("compile", result, f"build {build_s:.2f} s / forward {forward_s:.2f} s = {build_s / forward_s:.2f} "
+                   f"(target <= {TIME_TARGET}); peak RSS {peak / 2**20:.0f} MiB vs budget {budget / 2**20:.0f} MiB",
+                   args.check)
+
+
+def publish(name: str, result: dict, summary: str, check: bool) -> int:
+    """Write bench/results/NAME.json, print it and the one-line summary; the exit status for --check."""
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"[bench] build {build_s:.2f} s / forward {forward_s:.2f} s = {build_s / forward_s:.2f} "
-          f"(target <= {TIME_TARGET}); peak RSS {peak / 2**20:.0f} MiB vs budget {budget / 2**20:.0f} MiB",
-          file=sys.stderr)
-    return 1 if args.check and not all(result["targets_met"].values()) else 0
+    print(f"[bench] {summary}", file=sys.stderr)
+    return 1 if check and not all(result["targets_met"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ fp32, and qfx's error <= ort's. Writes bench/results/ort.json and prints it; --c
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compile import CALIBRATION, LLAMA, calibration_ids, make_model  # noqa: E402
+from compile import CALIBRATION, LLAMA, calibration_ids, make_model, publish  # noqa: E402
 
 SPEED_TARGET = 1.8
 SEQ = 128
@@ -155,13 +154,10 @@ def main() -> int:
         "targets_met": {"speed": median["fp32"] / median["qfx"] >= SPEED_TARGET,
                         "error": errors["qfx"] <= errors["ort"]},
     }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "ort.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-    print(f"[bench] qfx {out['speedup_over_fp32']['qfx']:.2f}x / ort {out['speedup_over_fp32']['ort']:.2f}x faster "
-          f"than fp32 (target >= {SPEED_TARGET}); logits error qfx {errors['qfx']:.3g} vs ort {errors['ort']:.3g}",
-          file=sys.stderr)
-    return 1 if args.check and not all(out["targets_met"].values()) else 0
+    speedup = out["speedup_over_fp32"]
+    summary = (f"qfx {speedup['qfx']:.2f}x / ort {speedup['ort']:.2f}x faster than fp32 (target >= {SPEED_TARGET}); "
+               f"logits error qfx {errors['qfx']:.3g} vs ort {errors['ort']:.3g}")
+    return publish("ort", out, summary, args.check)
 
 
 if __name__ == "__main__":
