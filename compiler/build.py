@@ -21,6 +21,7 @@ from qfx.errors import ModelLoadError, OutputError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
+from qfx.passes.registry import check_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
 from qfx.rules import LinearInfo, resolve_plan
@@ -28,6 +29,7 @@ from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
+from qfx.runtime.ort import require_onnx
 from qfx.runtime.verify import META_INPUTS, META_ROOT, META_UINT8, verify_artifact
 from qfx.spec import OutputFormat, Target
 from qfx.spec_loader import LoadedSpec, load_spec
@@ -103,11 +105,14 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     loaded: LoadedSpec = load_spec(spec)
     cfg = loaded.spec
     items = parse_pipeline(pipeline or DEFAULT_PIPELINE)
+    check_pipeline(items)
     out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
     force = force if force is not None else bool(cfg.output and cfg.output.force)
     if out_path is not None and not any(getattr(i, "name", None) == "convert" for i in items):
         raise UserError(f"pipeline {format_pipeline(items)!r} has no convert, so there is no quantized graph "
                         "to write", hint="add convert (and freeze), or build without an output directory")
+    if out_path is not None and _wants_onnx(cfg):
+        require_onnx("output.formats: onnx")
     seconds: dict[str, float] = {}
 
     # Claim the output directory first: a bad path fails in a second, not after calibration.
@@ -116,13 +121,21 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     try:
         with _timed(seconds, "load"):
             bundle = _bundle(model, example_inputs, cfg)
-            data = calibration_set(cfg.calibration, bundle)
+            data = calibration_set(cfg.calibration, bundle, given="calibration" in cfg.model_fields_set)
             state_sha256 = _state_sha256(bundle) if out is not None else None
         example = _example(data)
         with _timed(seconds, "export"):
             gm = export(bundle, example)
         linears = _linears(gm, bundle.root_prefix)
+        if not linears:
+            raise UserError(f"{_model_name(bundle)} has no linear layer (aten.linear with a 2-D weight) that "
+                            "qfx can quantize, so the build would quantize nothing",
+                            hint=_no_linear_hint(gm))
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
+        if not plan:
+            raise UserError(f"the spec quantizes none of the {len(linears)} linear layers of {_model_name(bundle)}",
+                            hint="every layer is excluded or has all its tensors set to null; check "
+                                 "quantization.exclude and the rules")
 
         def calibrate(graph):
             stats = run_calibration(graph, data, cfg.calibration.batch_size)
@@ -157,6 +170,23 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         if out is not None:
             settle(model_file)
             out.__exit__(None, None, None)
+
+
+def _model_name(bundle: ModelBundle) -> str:
+    return type(bundle.hf_model or bundle.module).__name__
+
+
+# Ops that multiply by a weight without being a linear layer: named in the error, since a
+# model written with them builds nothing quantized.
+_MATMULS = ("aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.einsum", "aten.conv")
+
+
+def _no_linear_hint(gm: torch.fx.GraphModule) -> str:
+    found = sorted({str(n.target).rsplit(".", 1)[0] for n in gm.graph.nodes if n.op == "call_function"
+                    and str(n.target).startswith(_MATMULS)})
+    seen = f"the graph multiplies with {', '.join(found)}; " if found else ""
+    return (f"{seen}qfx quantizes nn.Linear (F.linear) layers: write the model's weight products as "
+            "nn.Linear modules")
 
 
 @contextlib.contextmanager

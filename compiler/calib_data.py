@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -111,41 +112,92 @@ def from_tokens(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     if ids.is_floating_point() or ids.numel() == 0:
         raise CalibrationError(f"{path} must hold integer token ids (got {ids.dtype}, {tuple(ids.shape)})")
     ids = ids.long()
-    need = cfg.samples * cfg.seq_len
+    samples, seq_len = _token_shape(cfg, ids, path)
+    need = samples * seq_len
     if ids.ndim == 1:
         if ids.numel() < need:
             raise CalibrationError(f"{path} has {ids.numel()} tokens, fewer than samples × seq_len = {need}")
-        ids = ids[:need].reshape(cfg.samples, cfg.seq_len)
+        ids = ids[:need].reshape(samples, seq_len)
     elif ids.ndim == 2:
-        if ids.shape[0] < cfg.samples or ids.shape[1] < cfg.seq_len:
+        if ids.shape[0] < samples or ids.shape[1] < seq_len:
             raise CalibrationError(f"{path} is {tuple(ids.shape)}; samples × seq_len needs at least "
-                                   f"{cfg.samples} × {cfg.seq_len}")
-        ids = ids[:cfg.samples, :cfg.seq_len]
+                                   f"{samples} × {seq_len}", hint="lower calibration.samples or seq_len "
+                                   "(left out, they are the file's own shape)")
+        ids = ids[:samples, :seq_len]
     else:
         raise CalibrationError(f"{path} must be 1-D or 2-D token ids, got shape {tuple(ids.shape)}")
     if bundle.vocab_size and (ids.min() < 0 or ids.max() >= bundle.vocab_size):
         raise CalibrationError(f"{path} has token ids outside [0, {bundle.vocab_size}) of this model's vocabulary")
     inputs = (ids, torch.ones_like(ids)) if bundle.kind == "encoder" else (ids,)
-    return CalibrationSet(inputs, f"{path.name} ({cfg.samples} × {cfg.seq_len})")
+    return CalibrationSet(inputs, f"{path.name} ({samples} × {seq_len})")
+
+
+def _token_shape(cfg: Calibration, ids: torch.Tensor, path: Path) -> tuple[int, int]:
+    """samples and seq_len for a token file: a 2-D file is already cut into samples, so what the
+    spec leaves out comes from its shape (the defaults, 16 × 128, would reject a smaller file
+    that the user meant whole); what the spec sets wins and is checked against the file."""
+    given = cfg.model_fields_set
+    samples, seq_len = cfg.samples, cfg.seq_len
+    if ids.ndim == 2:
+        samples = samples if "samples" in given else ids.shape[0]
+        seq_len = seq_len if "seq_len" in given else ids.shape[1]
+        if seq_len < 2:
+            raise CalibrationError(f"{path} is {tuple(ids.shape)}: samples of {seq_len} token, and calibration "
+                                   "needs at least 2 per sample", hint="give rows of at least 2 token ids")
+    return samples, seq_len
+
+
+# Synthetic calibration draws at most this many values (1 GiB of int64 ids): a typo such as
+# samples: 1000000000 must be an error, not a failed allocation deep in torch.
+MAX_SYNTHETIC_VALUES = 2**27
 
 
 def synthetic(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     gen = torch.Generator().manual_seed(cfg.seed)
     if bundle.kind == "module":
+        shapes = [(cfg.samples, *t.shape[1:]) for t in bundle.example_inputs]
+        _check_synthetic_size(cfg, sum(math.prod(shape) for shape in shapes))
         inputs = []
-        for t in bundle.example_inputs:
-            shape = (cfg.samples, *t.shape[1:])
+        for t, shape in zip(bundle.example_inputs, shapes):
             if t.is_floating_point():
                 inputs.append(torch.randn(shape, generator=gen, dtype=t.dtype))
             else:
                 inputs.append(torch.randint(0, int(t.max()) + 1, shape, generator=gen, dtype=t.dtype))
         return CalibrationSet(tuple(inputs), f"synthetic (seed {cfg.seed}, {cfg.samples} samples)")
+    _check_synthetic_size(cfg, cfg.samples * cfg.seq_len)
     ids = torch.randint(0, bundle.vocab_size, (cfg.samples, cfg.seq_len), generator=gen)
     inputs = (ids, torch.ones_like(ids)) if bundle.kind == "encoder" else (ids,)
     return CalibrationSet(inputs, f"synthetic (seed {cfg.seed}, {cfg.samples} × {cfg.seq_len})")
 
 
-def calibration_set(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+def _check_synthetic_size(cfg: Calibration, values: int) -> None:
+    if values > MAX_SYNTHETIC_VALUES:
+        raise CalibrationError(f"synthetic calibration of {cfg.samples} samples (seq_len {cfg.seq_len}) is "
+                               f"{values} values, more than the {MAX_SYNTHETIC_VALUES} qfx draws",
+                               hint="lower calibration.samples or seq_len (a few hundred samples calibrate well)")
+
+
+def checkpoint_source(bundle: ModelBundle) -> str | None:
+    """Where a model's trained weights came from (its directory, or the name that from_pretrained
+    recorded in its config), or None for a model built from a config or by a plain module."""
+    if bundle.model_dir is not None:
+        return str(bundle.model_dir)
+    config = getattr(bundle.hf_model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def calibration_set(cfg: Calibration, bundle: ModelBundle, *, given: bool = True) -> CalibrationSet:
+    """The calibration inputs `cfg` describes for `bundle`.
+
+    given: whether the spec has a `calibration` section; without one, cfg is the synthetic
+    default, which a trained checkpoint must not get silently: random ids give it activation
+    ranges unlike its real inputs, and a build that looks fine quantizes badly."""
+    if not given and (source := checkpoint_source(bundle)):
+        raise CalibrationError(
+            f"no calibration data given for the trained model {source}: without a `calibration` section "
+            "qfx would calibrate it on random token ids",
+            hint="add calibration: {text: FILE} (UTF-8 text like the model's inputs) or "
+                 "{tokens: ids.npy or .safetensors}; or calibration: {synthetic: true} to accept random ids")
     if cfg.synthetic:
         return synthetic(cfg, bundle)
     if bundle.kind == "module" and cfg.text:

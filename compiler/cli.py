@@ -29,21 +29,37 @@ def _build(args) -> int:
 
 
 def _inspect(args) -> int:
-    from qfx.runtime.loader import read_manifest
+    """Shows the manifest, then fails (exit 2) if it was edited after the build: inspect is how
+    one looks at a suspect artifact, so it shows what it can, but never lets an unsealed manifest
+    pass as the build's record. The report is rendered from manifest.json, not read from
+    report.md, which no hash covers."""
+    from qfx.errors import ArtifactError
+    from qfx.lowering.manifest import render_report
+    from qfx.runtime.loader import check_manifest_seal, read_manifest
 
     folder = Path(args.dir)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, sealed=False)
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
     else:
-        print((folder / "report.md").read_text() if (folder / "report.md").is_file() else json.dumps(manifest, indent=2))
+        try:
+            report = render_report(manifest)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ArtifactError(f"manifest.json lacks what the report shows ({type(exc).__name__}: {exc})",
+                                where=str(folder / "manifest.json"),
+                                hint="rebuild the artifact; `qfx inspect --json` prints the manifest as it is"
+                                ) from None
+        print(report, end="")
+    sys.stdout.flush()
+    check_manifest_seal(folder, manifest)
     return 0
 
 
 def _eval(args) -> int:
     from qfx.evaluation import evaluate_artifact
 
-    figures = evaluate_artifact(Path(args.dir), Path(args.text), window=args.window, max_tokens=args.max_tokens)
+    figures = evaluate_artifact(Path(args.dir), Path(args.text), window=args.window, max_tokens=args.max_tokens,
+                                trust_factory=args.trust_factory)
     if args.json:
         print(json.dumps(figures, indent=2, sort_keys=True))
         return 0
@@ -55,7 +71,7 @@ def _eval(args) -> int:
 def _verify(args) -> int:
     from qfx.runtime.verify import verify_artifact
 
-    figures = verify_artifact(Path(args.dir), providers=args.providers or None)
+    figures = verify_artifact(Path(args.dir), providers=args.providers or None, trust_factory=args.trust_factory)
     if args.json:
         print(json.dumps(figures, indent=2, sort_keys=True))
         return 0
@@ -78,6 +94,10 @@ def _schema(args) -> int:
     return 0
 
 
+TRUST_HELP = ("import and call the model factory that the artifact's manifest names (code the artifact "
+              "chooses; qfx.examples factories need no flag)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qfx", description="Quantize PyTorch / Hugging Face models from a declarative spec.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,12 +117,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=256, help="tokens per non-overlapping window (default 256, at least 2)")
     e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--trust-factory", action="store_true", help=TRUST_HELP)
     e.set_defaults(func=_eval)
     v = sub.add_parser("verify", help="prove model.safetensors and model.onnx hold the same codes and compute the same")
     v.add_argument("dir")
     v.add_argument("--providers", nargs="+", metavar="PROVIDER",
                    help="ONNX Runtime providers (default: MIGraphX, ROCm, CPU, whichever are installed)")
     v.add_argument("--json", action="store_true")
+    v.add_argument("--trust-factory", action="store_true", help=TRUST_HELP)
     v.set_defaults(func=_verify)
     s = sub.add_parser("schema", help="print the spec's JSON Schema")
     s.set_defaults(func=_schema)

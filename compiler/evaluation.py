@@ -7,10 +7,10 @@ import torch
 
 from qfx.calib_data import read_text
 from qfx.capture import load_factory, load_hf
-from qfx.errors import ModelLoadError, UserError
+from qfx.errors import ArtifactError, ModelLoadError, UserError
 from qfx.runtime import load
 from qfx.runtime.evaluate import compare_outputs, perplexity, windows
-from qfx.runtime.loader import read_manifest
+from qfx.runtime.loader import check_factory_trusted, read_manifest
 
 
 def float_model(folder: Path, manifest: dict) -> torch.nn.Module | None:
@@ -26,30 +26,61 @@ def float_model(folder: Path, manifest: dict) -> torch.nn.Module | None:
     return None
 
 
-def token_stream(folder: Path, text_path: Path) -> torch.Tensor:
+def token_stream(folder: Path, text: str, name: str) -> torch.Tensor:
+    """`text` tokenized whole with the artifact's tokenizer (`name`: its file, for messages)."""
     import transformers
 
-    text = read_text(text_path, "evaluation", UserError)
+    from qfx.lowering.emit import TOKENIZER_FILES
+
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        raise UserError(f"{folder} has no tokenizer files, so it cannot tokenize {text_path.name}",
-                        hint="build from a model directory that has tokenizer.json") from None
+        tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers and tokenizers raise many types on a missing or corrupted file
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
+            raise UserError(f"{folder} has no tokenizer files, so it cannot tokenize {name}",
+                            hint="build from a model directory that has tokenizer.json") from None
+        raise ArtifactError(f"the artifact's tokenizer files cannot be loaded: {type(exc).__name__}: "
+                            f"{str(exc)[:200]}", where=str(folder), hint="rebuild the artifact") from None
     return tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
 
 
-def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_tokens: int | None = None) -> dict:
+def _check_tokenizer_hashed(folder: Path, manifest: dict) -> None:
+    """The tokenizer files eval reads must be among those the manifest hashes (`load` checked
+    those hashes): a file added after the build is not the build's."""
+    from qfx.lowering.emit import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file() and name not in manifest["artifact"]:
+            raise ArtifactError(f"{name} is not among the files manifest.json hashes, so it was added after the build",
+                                where=str(folder), hint="remove it, or rebuild the artifact from a model directory "
+                                                        "that has it")
+
+
+def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_tokens: int | None = None,
+                      trust_factory: bool = False) -> dict:
+    """Perplexity of the artifact and of its float source on a text. The float source is rebuilt
+    from the recorded factory only if it is qfx's own or `trust_factory` (it is code the
+    artifact names); the artifact is loaded, its files checked, before its tokenizer is read."""
+    folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest["model"]["kind"] != "causal_lm":
         raise UserError("qfx eval measures perplexity, so it needs a causal LM artifact")
     if window < 2:
         raise UserError(f"--window must be at least 2 tokens, got {window}")
-    ids = token_stream(folder, text_path)
+    if "factory" in manifest["model"]:
+        check_factory_trusted(folder, manifest["model"]["factory"], trust_factory)
+    text = read_text(text_path, "evaluation", UserError)
+    quantized = load(folder, trust_factory=trust_factory)
+    _check_tokenizer_hashed(folder, manifest)
+    ids = token_stream(folder, text, text_path.name)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise UserError(f"{text_path.name} gives {ids.numel()} token(s); perplexity needs at least 2")
-    quantized = load(folder)
+    vocab = quantized.get_input_embeddings().num_embeddings
+    if int(ids.max()) >= vocab:
+        raise ArtifactError(f"the artifact's tokenizer gives token id {int(ids.max())}, but its model has {vocab} "
+                            "embeddings: the tokenizer files belong to another model", where=str(folder),
+                            hint="rebuild the artifact from a model directory whose tokenizer matches it")
     figures: dict = {"tokens": None}
     q = perplexity(lambda x: quantized(x).logits, ids, window)
     figures["tokens"] = q["tokens"]

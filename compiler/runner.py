@@ -11,7 +11,7 @@ import torch
 from qfx.errors import PassFailure, QfxError
 from qfx.passes.base import Pass, PassContext
 from qfx.passes.meta import ROLE_KEY
-from qfx.passes.registry import CALIBRATE, format_pipeline
+from qfx.passes.registry import CALIBRATE, PipelineSyntaxError, facts_after, format_pipeline
 
 
 def verify_graph(gm: torch.fx.GraphModule) -> None:
@@ -46,9 +46,11 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
                  spec_json: str | None = None, verify: bool = True) -> torch.fx.GraphModule:
     pipeline = format_pipeline(items)
     for item in items:
+        try:
+            after = facts_after(item, frozenset(ctx.facts))
+        except PipelineSyntaxError as exc:
+            raise PassFailure(f"{exc.message}; pipeline: {pipeline}") from None
         if item == CALIBRATE:
-            if "observed" not in ctx.facts:
-                raise PassFailure("calibrate needs observers: put 'observe' before it in the pipeline")
             start = time.perf_counter()
             try:
                 stats = ctx.calibrate(gm)
@@ -59,11 +61,8 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
                 raise PassFailure(f"calibration failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
                                   hint=f"the reproducer is in {folder}") from exc
             ctx.stats[CALIBRATE] = dict(stats, seconds=round(time.perf_counter() - start, 3))
-            ctx.facts.add("calibrated")
+            ctx.facts = set(after)
             continue
-        missing = item.requires - ctx.facts
-        if missing:
-            raise PassFailure(f"pass {item.name} needs {sorted(missing)} first; pipeline: {pipeline}")
         start = time.perf_counter()
         try:
             result = item.run(gm, ctx)
@@ -82,7 +81,7 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
             raise PassFailure(f"pass {item.name} failed: {type(exc).__name__}: {first}",
                               hint=f"this is a qfx bug; the reproducer is in {folder}") from exc
         gm = result.gm
-        ctx.facts |= item.produces
+        ctx.facts = set(after)
         ctx.stats[item.name] = {"modified": result.modified, **result.stats,
                                 "seconds": round(time.perf_counter() - start, 3)}
     return gm

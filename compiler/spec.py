@@ -8,9 +8,9 @@ earlier; `null` switches a tensor off. Patterns are fnmatch globs on the module 
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qfx.runtime.formats import Granularity, ObserverKind
 
@@ -151,14 +151,50 @@ ROLES = ("weight", "input", "output")
 
 
 def overlay(base: dict | None, patch: "TensorPatch | None") -> dict | None:
-    """A rule or default's fields over a scheme; `None` (null in YAML) switches the tensor off."""
+    """A rule or default's fields over a scheme; `None` (null in YAML) switches the tensor off.
+
+    A patch that changes the granularity drops the inherited fields the new granularity does
+    not take (a preset's group_size under `granularity: per_channel`, its observer under
+    per_token): the user cannot unset an inherited field, so keeping it would make the rule
+    unwritable. A field the patch itself sets is kept, and the scheme check still judges it."""
     if patch is None:
         return None
-    return {**(base or {}), **patch.model_dump(exclude_unset=True)}
+    fields = patch.model_dump(exclude_unset=True)
+    merged = {**(base or {}), **fields}
+    if fields.get("granularity") is not None:
+        granularity = Granularity(fields["granularity"])
+        for name in set(merged) - set(fields):
+            if not takes_field(granularity, name):
+                del merged[name]
+    return merged
+
+
+def takes_field(granularity: Granularity, name: str) -> bool:
+    """Whether a scheme of `granularity` may set `name` (as TensorScheme._consistent checks)."""
+    if name == "group_size":
+        return granularity is Granularity.per_group
+    if name == "observer":
+        return granularity is not Granularity.per_token
+    return True
+
+
+def _path_text(value: str) -> str:
+    """A file path the OS can be asked about: no NUL byte, encodable as UTF-8 (YAML escapes can
+    write both, and the OS call would otherwise fail deep inside the build)."""
+    if "\x00" in value:
+        raise ValueError("a path cannot contain a NUL character (\\0)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a path must be valid Unicode text ({exc.reason} at character {exc.start})") from None
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
 
 
 class ModelSource(_Model):
-    path: str | None = Field(default=None, description="a local Hugging Face model directory")
+    path: PathText | None = Field(default=None, description="a local Hugging Face model directory")
     factory: str | None = Field(default=None, description="'package.module:function' returning a model "
                                 "or (model, example_inputs)")
 
@@ -172,8 +208,9 @@ class ModelSource(_Model):
 
 
 class Calibration(_Model):
-    text: str | None = Field(default=None, description="a UTF-8 text file, tokenized with the model's tokenizer")
-    tokens: str | None = Field(default=None, description="a .safetensors or .npy file of token ids")
+    text: PathText | None = Field(default=None, description="a UTF-8 text file, tokenized with the model's tokenizer")
+    tokens: PathText | None = Field(default=None, description="a .safetensors or .npy file of token ids; a 2-D "
+                                    "file gives samples and seq_len unless they are set")
     synthetic: bool = Field(default=False, description="random token ids (no data; for smoke tests)")
     samples: int = Field(default=16, ge=1)
     seq_len: int = Field(default=128, ge=2)
@@ -181,7 +218,7 @@ class Calibration(_Model):
     split: Literal["document", "lines"] | None = Field(
         default=None, description="document: the text as one token stream cut into samples (causal LMs); "
         "lines: one sample per non-empty line, padded (encoders). Default by model kind.")
-    seed: int = 0
+    seed: int = Field(default=0, ge=-2**63, le=2**63 - 1, description="seed of synthetic ids (a 64-bit integer)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -202,7 +239,7 @@ class OnnxOptions(_Model):
 
 
 class Output(_Model):
-    dir: str
+    dir: PathText
     force: bool = Field(default=False, description="replace an existing directory that qfx did not write")
     formats: list[OutputFormat] = Field(default_factory=lambda: [OutputFormat.safetensors], min_length=1,
                                         description="artifacts to write; safetensors is always among them")
@@ -221,7 +258,11 @@ class Spec(_Model):
     version: Literal[1]
     model: ModelSource | None = Field(default=None, description="required unless qfx.compile is given a model")
     target: Target = Target.cpu
-    calibration: Calibration = Field(default_factory=lambda: Calibration(synthetic=True))
+    # Left out, a spec calibrates on random ids; the build refuses that for trained checkpoints
+    # (calib_data.calibration_set), so it must know whether the spec set it: model_fields_set.
+    calibration: Calibration = Field(default_factory=lambda: Calibration(synthetic=True),
+                                     description="required for trained checkpoints; default synthetic: true "
+                                                 "for factory models")
     quantization: Quantization
     output: Output | None = None
 

@@ -1,9 +1,16 @@
 """Write an artifact directory atomically: into a temp directory beside it, renamed at the end.
 
 A failed build leaves nothing; a directory that qfx did not write is never replaced without
-`force`."""
+`force`. Every file and the directory are fsynced before the rename, and the parent after it,
+so a crash (or power loss) publishes either the old artifact or the whole new one. An existing
+artifact is swapped with the new one in one step (Linux renameat2 RENAME_EXCHANGE), so there
+is no moment when the output name is missing; where the kernel or file system cannot exchange,
+two renames are used and that window (microseconds) remains.
+"""
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -51,6 +58,14 @@ class AtomicDir:
         return self
 
     def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp made it private; publish it as mkdir would
+        sync_tree(self.tmp)
+        if self.target.exists() and exchange(self.tmp, self.target):
+            self.committed = True  # self.tmp now holds the previous artifact: __exit__ removes it
+            fsync_path(self.target.parent)
+            return
         old = None
         if self.target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.qfx-old-", dir=self.target.parent))
@@ -63,9 +78,42 @@ class AtomicDir:
                 old.rmdir()
             raise
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self.tmp = old
+        fsync_path(self.target.parent)
 
     def __exit__(self, *exc) -> None:
-        if not self.committed and self.tmp is not None:
+        if self.tmp is not None:  # the unpublished build, or after a commit the replaced artifact
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries)."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically; False where this system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -25,6 +25,22 @@ def layer_buffers(gm: torch.nn.Module, root_prefix: str, path: str) -> dict[str,
     return {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
 
 
+def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], root_prefix: str) -> list[str]:
+    """The planned layers none of whose tensors the graph's output depends on (a BERT pooler
+    under last_hidden_state): the ONNX export drops them. Read from the torch graph, not the ONNX
+    model, so that `qfx verify` can tell such a layer from one the emitter lost."""
+    seen: set[torch.fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    used = {str(n.target) for n in seen if n.op == "get_attr"}
+    owners = {t.rpartition(".")[0] for t in used}
+    return sorted(path for path in plan if root_prefix + path not in owners)
+
+
 def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str
                      ) -> tuple[str, dict[str, str]]:
     """model.safetensors in the Quark layout; returns its sha256 and the tied-weight aliases."""
@@ -58,6 +74,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     manifest["layers"] = {path: layer_record(quant, layer_buffers(gm, root_prefix, path), fp_weight(path))
                           for path, quant in plan.items()}
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
+    manifest["unused_layers"] = layers_off_output_path(gm, plan, root_prefix)
     manifest["tied"] = aliases
     manifest["artifact"] = {name: model_sha256 if name == MODEL_FILE else sha256_file(folder / name)
                             for name in sorted(files)}

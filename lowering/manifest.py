@@ -10,6 +10,7 @@ import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, LayerQuant
+from qfx.runtime.hashing import MANIFEST_HASH_KEY, canonical_json, manifest_sha256
 
 
 def _range(t: torch.Tensor) -> list[float]:
@@ -33,11 +34,16 @@ def layer_record(quant: LayerQuant, buffers: dict[str, torch.Tensor], fp_weight:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    path.write_text(canonical_json(data))
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """manifest.json and report.md, its readable twin."""
+    """manifest.json, sealed with the sha256 of its own canonical JSON (the readers refuse a
+    manifest edited after the build), and report.md, its readable twin. The seal is set on
+    `manifest` too, so the caller's dict is what the file holds."""
+    manifest.pop(MANIFEST_HASH_KEY, None)
+    # Hashed as read back: what a reader parses and re-serializes is exactly these bytes.
+    manifest[MANIFEST_HASH_KEY] = manifest_sha256(json.loads(canonical_json(manifest)))
     write_json(folder / "manifest.json", manifest)
     (folder / "report.md").write_text(render_report(manifest))
 

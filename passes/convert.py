@@ -77,6 +77,7 @@ class Convert(Pass):
     name = "convert"
     requires = frozenset({"annotated", "calibrated"})
     produces = frozenset({"qdq"})
+    invalidates = frozenset({"observed", "calibrated"})  # it consumes the observers
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         graph = gm.graph

@@ -6,6 +6,7 @@ Dynamic (per-token) activations need none.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -26,6 +27,7 @@ class Observe(Pass):
     name = "observe"
     requires = frozenset({"annotated"})
     produces = frozenset({"observed"})
+    invalidates = frozenset({"calibrated"})  # new observers have seen no data yet
     percentile: float = 99.99  # for `percentile` observers: the upper percentile of each batch
     averaging_constant: float = 0.1  # for `moving_average` observers
 
@@ -40,6 +42,8 @@ class Observe(Pass):
                              averaging_constant=self.averaging_constant)
 
     def run(self, gm, ctx: PassContext) -> PassResult:
+        replaced = remove_observers(gm)
+        names = _fresh_names(gm)
         count = 0
         graph = gm.graph
         # Linears that read one tensor with one format (q/k/v, gate/up) share its observer:
@@ -54,7 +58,7 @@ class Observe(Pass):
                 source = node.args[0]
                 obs = shared.get((source, fmt.input))
                 if obs is None:
-                    target = f"{OBSERVER_PREFIX}{count}"
+                    target = next(names)
                     gm.add_submodule(target, self._observer(fmt.input, f"{quant.module} (input)"))
                     with graph.inserting_after(source):
                         obs = graph.call_module(target, (source,))
@@ -63,7 +67,7 @@ class Observe(Pass):
                     count += 1
                 node.replace_input_with(source, obs)
             if fmt.output is not None and not fmt.output.dynamic:
-                target = f"{OBSERVER_PREFIX}{count}"
+                target = next(names)
                 gm.add_submodule(target, self._observer(fmt.output, f"{quant.module} (output)"))
                 with graph.inserting_after(node):
                     obs = graph.call_module(target, (node,))
@@ -71,7 +75,26 @@ class Observe(Pass):
                 node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
                 count += 1
         gm.recompile()
-        return PassResult(gm, modified=count > 0, stats={"observers": count})
+        return PassResult(gm, modified=count > 0 or replaced > 0, stats={"observers": count, "replaced": replaced})
+
+
+def remove_observers(gm: torch.fx.GraphModule) -> int:
+    """Take out the observers an earlier `observe` inserted: whatever ran since may have
+    changed the values they watch, so a second `observe` starts afresh."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if observer_name(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+            removed += 1
+    return removed
+
+
+def _fresh_names(gm: torch.fx.GraphModule):
+    """Observer module names not yet taken in `gm`."""
+    taken = {name for name, _ in gm.named_children()}
+    return (name for name in (f"{OBSERVER_PREFIX}{i}" for i in itertools.count()) if name not in taken)
 
 
 def calibration_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

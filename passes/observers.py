@@ -25,7 +25,7 @@ class Observer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             lo, hi = self.batch_range(x.detach())
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
                 raise CalibrationError(
                     f"calibration batch {self.batches} produced NaN or Inf at {self.where}",
                     hint="check the calibration data and the model in float first; a layer that "
@@ -74,25 +74,33 @@ class MovingAverageObserver(Observer):
 
 
 class PercentileObserver(Observer):
-    """Mean over batches of each batch's lower and upper percentile (default 99.99)."""
+    """Mean over samples of each sample's lower and upper percentile (default 99.99).
+
+    Pooled per sample, not per batch, so the range does not depend on `batch_size` or on a
+    short last batch: every sample weighs the same, and the running sums are added one
+    sample at a time in float64, so any batching gives the same bits. The first dimension is
+    the sample (batch) dimension; a 1-D tensor is one sample."""
 
     def __init__(self, fmt, where, percentile: float = 99.99, **options):
         super().__init__(fmt, where)
         self.percentile = percentile
+        self.samples = 0
+        self.lo_sum = self.hi_sum = None
 
     def batch_range(self, x):
-        flat = x.float().flatten()
-        n = flat.numel()
+        rows = x.float().reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+        n = rows.shape[1]
         k_hi = max(1, min(n, round(n * self.percentile / 100)))
         k_lo = max(1, n - k_hi + 1)
-        return flat.kthvalue(k_lo).values, flat.kthvalue(k_hi).values
+        return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
 
     def update(self, lo, hi):
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        else:
-            n = self.batches
-            self.lo, self.hi = (self.lo * n + lo) / (n + 1), (self.hi * n + hi) / (n + 1)
+        if self.lo_sum is None:
+            self.lo_sum = self.hi_sum = torch.zeros((), dtype=torch.float64)
+        for sample_lo, sample_hi in zip(lo.double(), hi.double()):
+            self.lo_sum, self.hi_sum = self.lo_sum + sample_lo, self.hi_sum + sample_hi
+            self.samples += 1
+        self.lo, self.hi = (self.lo_sum / self.samples).float(), (self.hi_sum / self.samples).float()
 
 
 OBSERVERS: dict[ObserverKind, type[Observer]] = {

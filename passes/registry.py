@@ -24,7 +24,8 @@ _ITEM = re.compile(r"\s*([a-z_]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
 
 class PipelineSyntaxError(UserError):
-    """A pipeline string qfx cannot read: unknown pass, option or value."""
+    """A pipeline qfx cannot read or run: unknown pass, option or value, or a pass placed
+    before what it needs."""
 
 
 def _parse_value(text: str, kind: type, where: str):
@@ -71,6 +72,35 @@ def parse_pipeline(text: str) -> list[Pass | str]:
     if not items:
         raise PipelineSyntaxError("the pipeline is empty")
     return items
+
+
+def facts_after(item: Pass | str, facts: frozenset[str]) -> frozenset[str]:
+    """The facts that hold after `item` runs with `facts` holding, or a PipelineSyntaxError
+    saying why it cannot run there. The runner applies the same rules as it goes; checking
+    the whole pipeline first makes a wrong order fail before any model is loaded."""
+    if item == CALIBRATE:
+        if "observed" not in facts:
+            raise PipelineSyntaxError("calibrate needs observers: put 'observe' before it")
+        if "calibrated" in facts:
+            raise PipelineSyntaxError("calibrate twice would feed every batch twice to the same observers",
+                                      hint="put 'observe' again before a second 'calibrate'")
+        return facts | {"calibrated"}
+    missing = item.requires - facts
+    if missing:
+        raise PipelineSyntaxError(f"pass {item.name} needs {', '.join(sorted(missing))} first",
+                                  hint="the default pipeline is " + DEFAULT_PIPELINE)
+    return (facts - item.invalidates) | item.produces
+
+
+def check_pipeline(items: list[Pass | str]) -> None:
+    facts: frozenset[str] = frozenset()
+    for i, item in enumerate(items):
+        try:
+            facts = facts_after(item, facts)
+        except PipelineSyntaxError as exc:
+            exc.message = f"pipeline {format_pipeline(items)!r}, item {i + 1}: {exc.message}"
+            exc.args = (exc.render(),)
+            raise
 
 
 def format_pipeline(items: list[Pass | str]) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from qfx.runtime import numerics
-from qfx.runtime.formats import LayerFormat, QDType, TensorFormat
+from qfx.runtime.errors import ArtifactError
+from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
 
 ROLES = ("weight", "input", "output")
 
@@ -39,6 +40,98 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
             out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key])
     return out
+
+
+def format_problem(fmt: LayerFormat) -> str | None:
+    """Why the loader cannot run `fmt` (a manifest's layer format), or None. The spec refuses these
+    at build time; a manifest is read back from disk, so they are checked again."""
+    if not fmt.tensors:
+        return "it quantizes nothing"
+    for role, tf in fmt.tensors.items():
+        per_group = tf.granularity is Granularity.per_group
+        if tf.group_size < 0 or per_group != (tf.group_size > 0):
+            return f"{role} has group_size {tf.group_size} with granularity {tf.granularity.value}"
+        if role == "weight":
+            if tf.dynamic:
+                return "weight is per_token, which is for activations"
+            if tf.dtype.bits == 4 and not per_group:
+                return f"weight is {tf.dtype.value} {tf.granularity.value}; 4-bit weights are stored per_group"
+        elif tf.dtype.bits == 4 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
+            return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
+        if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
+            return f"{role} has reduce_range, which applies to int8 weights only"
+    return None
+
+
+# The dtype each code type has in the artifact: FP8 codes are stored as OCP E4M3FN whatever the
+# target, 4-bit codes and their zero points packed eight to an int32.
+ARTIFACT_CODE_DTYPE = {QDType.int8: torch.int8, QDType.uint8: torch.uint8, QDType.int4: torch.int32,
+                       QDType.uint4: torch.int32, QDType.fp8_e4m3fn: torch.float8_e4m3fn,
+                       QDType.fp8_e4m3fnuz: torch.float8_e4m3fn}
+
+
+def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: int, bias: bool,
+                            float_dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor one layer has in the artifact, as
+    `layer_to_artifact` writes them. Raises ArtifactError if the format cannot fit the layer."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    w = fmt.weight
+    if w is None:
+        out["weight"] = (float_dtype, (out_features, in_features))
+    else:
+        if w.group_size and in_features % w.group_size:
+            raise ArtifactError(f"group_size {w.group_size} does not divide the layer's in_features {in_features}")
+        groups = in_features // w.group_size if w.group_size else 0
+        scale = {Granularity.per_tensor: (), Granularity.per_channel: (out_features,),
+                 Granularity.per_group: (out_features, groups)}[w.granularity]
+        code = ARTIFACT_CODE_DTYPE[w.dtype]
+        if w.dtype.bits == 4:  # Quark's transposed, packed layout
+            if out_features % 8:
+                raise ArtifactError(f"{w.dtype.value} weights pack eight codes per int32 along out_features, "
+                                    f"which is {out_features}")
+            out["weight"] = (code, (in_features, out_features // 8))
+            out["weight_scale"] = (torch.float32, (groups, out_features))
+            out["weight_zero_point"] = (code, (groups, out_features // 8))
+        else:
+            out["weight"] = (code, (out_features, in_features))
+            out["weight_scale"] = (torch.float32, scale)
+            if not w.dtype.is_fp8:
+                out["weight_zero_point"] = (code, scale)
+    for role in ("input", "output"):
+        tf = getattr(fmt, role)
+        if tf is not None and not tf.dynamic:
+            out[f"{role}_scale"] = (torch.float32, ())
+            if not tf.dtype.is_fp8:
+                out[f"{role}_zero_point"] = (ARTIFACT_CODE_DTYPE[tf.dtype], ())
+    if bias:
+        out["bias"] = (float_dtype, (out_features,))
+    return out
+
+
+def check_artifact_layer(tensors: dict[str, torch.Tensor], fmt: LayerFormat, in_features: int,
+                         out_features: int, bias: bool, float_dtype: torch.dtype, where: str) -> None:
+    """Raise ArtifactError naming the first of a layer's artifact tensors (keys 'weight',
+    'weight_scale', ...) that is missing, extra, of the wrong dtype or shape for `fmt` and the
+    layer's features, or a scale that is not finite and positive. Unpacking and running a layer
+    with such tensors fails deep inside torch, or silently computes garbage."""
+    expected = expected_artifact_layer(fmt, in_features, out_features, bias, float_dtype)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"layer {where} has {'no ' + ', '.join(missing) if missing else ''}"
+                            f"{' and ' if missing and extra else ''}"
+                            f"{'unexpected ' + ', '.join(extra) if extra else ''} for its format "
+                            f"({', '.join(f'{r} {tf.describe()}' for r, tf in fmt.tensors.items())})",
+                            hint="the checkpoint and manifest.json do not describe one build; rebuild the artifact")
+    for name, (dtype, shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ArtifactError(f"tensor {where}.{name} is {str(t.dtype).removeprefix('torch.')} "
+                                f"{list(t.shape)}, but its format and the layer's {in_features} -> {out_features} "
+                                f"features need {str(dtype).removeprefix('torch.')} {list(shape)}",
+                                hint="the checkpoint was edited or belongs to another model; rebuild the artifact")
+        if name.endswith("_scale") and not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise ArtifactError(f"tensor {where}.{name} holds a scale that is not finite and positive",
+                                hint="a quantization scale divides the values; rebuild the artifact")
 
 
 def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:

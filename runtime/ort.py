@@ -18,6 +18,26 @@ class ProviderError(UserError):
     pass
 
 
+# What writing and checking an ONNX artifact imports (the `onnx` extra): the exporter's
+# onnxscript and onnx_ir, onnx itself, ONNX Runtime for verify, ml_dtypes for int4 and FP8.
+ONNX_MODULES = ("onnx", "onnx_ir", "onnxscript", "onnxruntime", "ml_dtypes")
+
+
+def require_onnx(purpose: str) -> None:
+    """Fail with what to install when the `onnx` extra is missing, before any work is done."""
+    import importlib
+
+    missing = []
+    for name in ONNX_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"{purpose} needs the Python packages {', '.join(missing)}, which are not installed",
+                        hint="pip install 'qfx[onnx]' (make setup installs it), or drop onnx from output.formats")
+
+
 def providers(requested: list[str] | None = None) -> list[str]:
     """The providers a session uses: `requested` (each must be installed), else every
     installed one of MIGraphX, ROCm, CPU in that order."""

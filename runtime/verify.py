@@ -19,19 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerFormat, QDType
 from qfx.runtime.layout import (
     int8_as_uint8,
-    layer_from_artifact,
     uint8_zero_point,
     weight_codes_as_uint8,
     weight_to_onnx,
 )
-from qfx.runtime.loader import MODEL_FILE, ONNX_FILE, load, read_manifest
+from qfx.runtime.loader import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REBUILD, load, read_manifest
 from qfx.runtime.loader import check_hashes as check_file_hashes
 from qfx.runtime.quant_linear import forced_activations
 
@@ -78,28 +76,47 @@ def _onnx_form(layer: dict[str, torch.Tensor], fmt: LayerFormat, uint8_codes: bo
     return out
 
 
-def compare_tensors(folder: Path, manifest: dict, model) -> int:
-    """(a): raise ArtifactError naming the first tensor that differs; return how many matched."""
+def compare_tensors(folder: Path, manifest: dict, model, torch_model: torch.nn.Module) -> int:
+    """(a): raise ArtifactError naming the first tensor that differs; return how many matched.
+
+    Each layer's tensors are those `torch_model` (the artifact loaded by `load`, which checked
+    them against their formats) holds, which are model.safetensors' in graph form. A layer with
+    none of its tensors in model.onnx must be one the build recorded as off the output's path
+    (`unused_layers`: a BERT pooler under last_hidden_state, which export drops); any other
+    such layer is one the ONNX model computes without."""
     from onnx import numpy_helper
 
     meta = {p.key: p.value for p in model.metadata_props}
     prefix, uint8_codes = meta.get(META_ROOT, ""), meta.get(META_UINT8) == "1"
     inits = {t.name: t for t in model.graph.initializer}
-    stored = load_file(str(folder / MODEL_FILE))
+    unused = set(manifest.get("unused_layers", []))
     compared = 0
     for path, record in manifest["layers"].items():
         fmt = LayerFormat.from_json(record["format"])
         start = path + "."
-        layer = {k[len(start):]: v for k, v in stored.items() if k.startswith(start) and "." not in k[len(start):]}
-        expected_tensors = _onnx_form(layer_from_artifact(layer, fmt), fmt, uint8_codes)
+        module = torch_model.get_submodule(path)
+        layer = {k: v for k, v in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]
+                 if v is not None}
+        expected_tensors = _onnx_form(layer, fmt, uint8_codes)
         if not any(prefix + start + key in inits for key in expected_tensors):
-            continue  # a layer the model's output does not use (a BERT pooler): export drops it
+            if path in unused:
+                continue
+            names = ", ".join(sorted(expected_tensors))
+            raise ArtifactError(f"{ONNX_FILE} has none of layer {path}'s tensors ({names}), yet the model's output "
+                                f"uses that layer (the build recorded {len(unused)} unused layer(s), not this one): "
+                                "the ONNX model computes without it", where=str(folder),
+                                hint="the two files do not come from one build (or the ONNX emitter dropped the "
+                                     "layer, a qfx bug if the artifact is unedited); rebuild the artifact")
         for key, expected in expected_tensors.items():
             name = prefix + start + key
             if name not in inits:
                 raise ArtifactError(f"{ONNX_FILE} has no initializer {name} for {MODEL_FILE} tensor {start + key}",
                                     hint="the two files do not come from one build; rebuild the artifact")
-            got = numpy_helper.to_array(inits[name], base_dir=str(folder))
+            try:
+                got = numpy_helper.to_array(inits[name], base_dir=str(folder))
+            except (ValueError, TypeError, OSError, KeyError) as exc:
+                raise ArtifactError(f"{ONNX_FILE} initializer {name} cannot be read: {str(exc)[:200]}",
+                                    where=str(folder / ONNX_FILE), hint=REBUILD) from None
             same_shape = tuple(expected.shape) == tuple(got.shape)
             a, b = _bits(expected), _bits(got)
             if not same_shape or not np.array_equal(a, b):
@@ -111,11 +128,107 @@ def compare_tensors(folder: Path, manifest: dict, model) -> int:
     return compared
 
 
+# What verify's random inputs may be: the dtypes a build records, and at most this many
+# elements each (a build records its calibration shape, e.g. 2 x 128 tokens).
+INPUT_DTYPES = {name: getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64", "bool",
+                                                         "int8", "uint8", "int16", "int32", "int64")}
+MAX_INPUT_ELEMENTS = 1 << 24
+
+
+def read_onnx(path: Path):
+    """model.onnx's protobuf (initializer data in external files stays unread)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise ArtifactError(f"{ONNX_FILE} is not an ONNX model: {str(exc)[:200]}", where=str(path),
+                            hint=REBUILD) from None
+
+
+def _onnx_tensors(graph):
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _onnx_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _onnx_tensors(sub)
+
+
+def check_external_data(proto, manifest: dict, folder: Path) -> None:
+    """A tensor kept in external data must name a file of the artifact that the manifest hashes,
+    not a path elsewhere on this machine (ONNX resolves it relative to the model)."""
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in _onnx_tensors(proto.graph):
+        if not uses_external_data(tensor):
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if location not in manifest["artifact"] or "/" in location or "\\" in location:
+            raise ArtifactError(f"{ONNX_FILE} keeps tensor {tensor.name} in {location!r}, which is not a file of "
+                                f"the artifact that {MANIFEST_FILE} lists", where=str(folder / ONNX_FILE),
+                                hint=REBUILD)
+
+
+def _metadata(proto, kind: str, path: Path) -> tuple[list[dict], dict[str, tuple[str, str]]]:
+    """The inputs verify draws and the activations it feeds, from model.onnx's metadata, checked:
+    they come from a file, and torch allocates what they say."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+
+    def bad(message: str) -> ArtifactError:
+        return ArtifactError(f"{ONNX_FILE}'s metadata {message}", where=str(path), hint=REBUILD)
+
+    try:
+        spec = json.loads(meta[META_INPUTS])
+        activations = json.loads(meta.get(META_ACTIVATIONS, "{}"))
+    except KeyError:
+        raise bad(f"has no {META_INPUTS}, which a qfx build writes") from None
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"is not valid JSON: {str(exc)[:200]}") from None
+    graph_inputs = len(proto.graph.input)
+    least = {"causal_lm": 1, "encoder": 2}.get(kind, 1)
+    if not isinstance(spec, list) or len(spec) != graph_inputs or graph_inputs < least:
+        raise bad(f"{META_INPUTS} does not describe the graph's {graph_inputs} inputs")
+    for item in spec:
+        _check_input_spec(item, bad)
+    if not proto.graph.output:
+        raise bad("belongs to a graph with no output")
+    if not (isinstance(activations, dict) and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[1] in ("input", "output")
+            for v in activations.values())):
+        raise bad(f"{META_ACTIVATIONS} is not a map of value names to [layer, input|output]")
+    return spec, {name: tuple(key) for name, key in activations.items()}
+
+
+def _check_input_spec(item, bad) -> None:
+    if not isinstance(item, dict) or item.get("dtype") not in INPUT_DTYPES:
+        raise bad(f"gives an input {item!r} without a dtype verify can draw")
+    shape = item.get("shape")
+    if not (isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)):
+        raise bad(f"gives an input the shape {shape!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > MAX_INPUT_ELEMENTS:
+        raise bad(f"asks for an input of {numel} elements, over verify's limit of {MAX_INPUT_ELEMENTS}")
+    if INPUT_DTYPES[item["dtype"]].is_floating_point:
+        return
+    fill, high = item.get("fill"), item.get("high")
+    if not (type(fill) is int or (type(high) is int and high > 0)):
+        raise bad(f"gives the integer input {item!r} neither a fill value nor a positive bound")
+
+
 def _inputs(spec: list[dict]) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
     out = []
     for item in spec:
-        dtype = getattr(torch, item["dtype"])
+        dtype = INPUT_DTYPES[item["dtype"]]
         if dtype.is_floating_point:
             out.append(torch.randn(item["shape"], generator=gen, dtype=dtype))
         elif item.get("fill") is not None:
@@ -135,8 +248,9 @@ def _torch_output(model: torch.nn.Module, kind: str, inputs: tuple) -> torch.Ten
 
 
 def verify_artifact(folder: str | Path, providers: list[str] | None = None, model: torch.nn.Module | None = None,
-                    check_hashes: bool = True) -> dict:
-    """Run (a) and (b) on the artifact in `folder`; return the figures, or raise ArtifactError."""
+                    check_hashes: bool = True, trust_factory: bool = False) -> dict:
+    """Run (a) and (b) on the artifact in `folder`; return the figures, or raise ArtifactError.
+    `trust_factory`: as for `qfx.runtime.load`."""
     import onnx
 
     from qfx.runtime.ort import session
@@ -147,28 +261,42 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
     if not onnx_path.is_file():
         raise ArtifactError(f"{folder} has no {ONNX_FILE} to verify",
                             hint="build with output.formats: [safetensors, onnx]")
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    compared = compare_tensors(folder, manifest, proto)  # before the hashes: an edit is named by tensor
+    if ONNX_FILE not in manifest["artifact"]:
+        raise ArtifactError(f"{MANIFEST_FILE} does not list {ONNX_FILE}, so no hash covers it",
+                            where=str(folder / MANIFEST_FILE), hint=REBUILD)
+    proto = read_onnx(onnx_path)
+    kind = manifest["model"]["kind"]
+    spec, activations = _metadata(proto, kind, onnx_path)
+    check_external_data(proto, manifest, folder)
+    # Before the hashes, so that an edit is named by tensor; `load` checks every tensor it reads.
+    torch_model = load(folder, model=model, verify_hashes=False, trust_factory=trust_factory)
+    compared = compare_tensors(folder, manifest, proto, torch_model)
     if check_hashes:
         check_file_hashes(folder, manifest)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    inputs = _inputs(json.loads(meta[META_INPUTS]))
-    activations = {name: tuple(key) for name, key in json.loads(meta.get(META_ACTIVATIONS, "{}")).items()}
-    torch_model = load(folder, model=model, verify_hashes=False)
-    kind = manifest["model"]["kind"]
-    free_running = _torch_output(torch_model, kind, inputs)
+    inputs = _inputs(spec)
+    _check_token_ids(torch_model, kind, spec, onnx_path)
+    free_running = _run_torch(torch_model, kind, inputs)
 
     # ONNX Runtime runs once, reporting every dequantized activation beside the model output.
     for name in activations:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    with _model_source(proto, folder) as source:
-        sess = session(source, providers)
-    names = [i.name for i in sess.get_inputs()]
-    got, *values = sess.run([proto.graph.output[0].name, *activations],
-                            {n: t.numpy() for n, t in zip(names, inputs)})
-    got = torch.from_numpy(got)
-    with forced_activations({key: torch.from_numpy(v) for key, v in zip(activations.values(), values)}) as differing:
-        fed = _torch_output(torch_model, kind, inputs)
+    try:
+        with _model_source(proto, folder) as source:
+            sess = session(source, providers)
+        names = [i.name for i in sess.get_inputs()]
+        got, *values = sess.run([proto.graph.output[0].name, *activations],
+                                {n: t.numpy() for n, t in zip(names, inputs)})
+    except _ort_errors() as exc:
+        raise ArtifactError(f"ONNX Runtime cannot run {ONNX_FILE}: {type(exc).__name__}: {str(exc)[:300]}",
+                            where=str(onnx_path), hint="rebuild the artifact; if it is unedited, this is a qfx bug: "
+                                                       "please report it") from None
+    got = torch.from_numpy(np.asarray(got))
+    with forced_activations({key: torch.from_numpy(np.asarray(v)) for key, v in zip(activations.values(), values)}
+                            ) as differing:
+        fed = _run_torch(torch_model, kind, inputs)
+    if got.shape != fed.shape:
+        raise ArtifactError(f"ONNX Runtime's output has shape {list(got.shape)}, the torch artifact's "
+                            f"{list(fed.shape)}", where=str(onnx_path), hint=REBUILD)
     elements = sum(v.size for v in values)
     flipped = sum(differing.values()) / max(elements, 1)
 
@@ -177,7 +305,7 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
     tolerance = TOLERANCE["fp8" if fp8 else "int"]
     error = compare_outputs(fed, got, top1=False)["rel_error"]
     figures = {"tensors_identical": compared, "output_rel_error": error, "tolerance": tolerance,
-               "max_abs_error": float((got - fed).abs().max()),
+               "max_abs_error": float((got - fed).abs().max()) if got.numel() else 0.0,
                "activations_fed": len(activations), "activation_values_differing": flipped,
                "free_running_rel_error": compare_outputs(free_running, got, top1=False)["rel_error"],
                "providers": sess.get_providers(),
@@ -192,6 +320,35 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
                             f"layer by layer; {100 * flipped:.3g}% of activation values differ (limit "
                             f"{100 * FLIP_LIMIT:g}%)", hint="this is a qfx bug if the artifact is unedited; please report it")
     return figures
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (Fail, InvalidGraph, ...): each derives from Exception."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def _check_token_ids(model: torch.nn.Module, kind: str, spec: list[dict], path: Path) -> None:
+    """Random token ids must index the model's embedding table."""
+    if kind not in ("causal_lm", "encoder") or not hasattr(model, "get_input_embeddings"):
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    high = spec[0].get("high")
+    if not (type(high) is int and 0 < high <= vocab):
+        raise ArtifactError(f"{ONNX_FILE}'s metadata draws token ids below {high!r}, but the model has {vocab}",
+                            where=str(path), hint=REBUILD)
+
+
+def _run_torch(model: torch.nn.Module, kind: str, inputs: tuple) -> torch.Tensor:
+    """The torch artifact's output on inputs that model.onnx's metadata describes: inputs from a
+    file, so a model that cannot take them is a bad artifact, not a qfx fault."""
+    try:
+        return _torch_output(model, kind, inputs)
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise ArtifactError(f"the torch artifact cannot run on the inputs {ONNX_FILE}'s metadata describes "
+                            f"({shapes}): {type(exc).__name__}: {str(exc)[:200]}", hint=REBUILD) from None
 
 
 @contextlib.contextmanager

@@ -23,3 +23,22 @@ def tiny_spec(tmp_path=None, **quantization) -> dict:
     if tmp_path is not None:
         spec["output"] = {"dir": str(tmp_path / "artifact")}
     return spec
+
+
+def cpu_isa() -> str:
+    """The vector unit torch's CPU kernels run on (AVX2, AVX512, ...): float GEMMs round
+    differently across them, so tests that compare two runtimes print it beside their figures."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def pytest_report_header(config):
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        pass
+    extras = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if name in flags]
+    return f"qfx: torch CPU capability {cpu_isa()}; VNNI/AMX: {', '.join(extras) or 'none'}"

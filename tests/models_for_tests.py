@@ -32,3 +32,19 @@ def overflowing():
 def data_dependent():
     torch.manual_seed(0)
     return _DataDependent(), (torch.randn(2, 16),)
+
+
+class _MatmulOnly(torch.nn.Module):
+    """Multiplies by a parameter with torch.matmul: no nn.Linear for qfx to quantize."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        return torch.matmul(x, self.w)
+
+
+def matmul_only():
+    torch.manual_seed(0)
+    return _MatmulOnly(), (torch.randn(2, 16),)

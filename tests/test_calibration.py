@@ -6,9 +6,13 @@ from conftest import tiny_spec
 from safetensors.torch import save_file
 
 import qfx
+from qfx.calib_data import MAX_SYNTHETIC_VALUES, calibration_set
+from qfx.capture import load_hf, wrap_module
 from qfx.errors import CalibrationError
+from qfx.examples import tiny_llama
 from qfx.passes.observers import MinMaxObserver, MovingAverageObserver, PercentileObserver
 from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
+from qfx.spec import Calibration
 
 FMT = TensorFormat(QDType.int8, Granularity.per_tensor)
 
@@ -67,3 +71,97 @@ def test_token_file_errors(tmp_path):
     np.save(floats, np.zeros((4, 16), dtype=np.float32))
     with pytest.raises(CalibrationError, match="must hold integer token ids"):
         qfx.compile(spec=dict(tiny_spec(), calibration={"tokens": str(floats), "samples": 4, "seq_len": 16}))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A Hugging Face directory with weights: what model.path points at for a trained model."""
+    folder = tmp_path_factory.mktemp("checkpoint") / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+NO_CALIBRATION = "version: 1\nmodel: {path: tiny-llama}\nquantization: {preset: w8a8-int8, exclude: [lm_head]}\n"
+
+
+def test_trained_checkpoint_without_calibration_is_refused(checkpoint):
+    spec = checkpoint.parent / "spec.yaml"
+    spec.write_text(NO_CALIBRATION)
+    out = checkpoint.parent / "artifact"
+    with pytest.raises(CalibrationError) as info:
+        qfx.compile(spec=spec, output_dir=out)
+    msg = str(info.value)
+    assert f"no calibration data given for the trained model {checkpoint}" in msg and "random token ids" in msg
+    assert "calibration: {text: FILE}" in msg and "tokens:" in msg and "{synthetic: true} to accept random ids" in msg
+    assert not out.exists()
+
+
+def test_trained_checkpoint_with_explicit_synthetic_calibration_builds(checkpoint):
+    spec = checkpoint.parent / "synthetic.yaml"
+    spec.write_text(NO_CALIBRATION + "calibration: {synthetic: true, samples: 2, seq_len: 8}\n")
+    result = qfx.compile(spec=spec)
+    assert len(result.plan) == 14
+
+
+def test_in_memory_model_from_pretrained_needs_calibration_but_one_from_a_config_does_not(checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    no_calibration = {"version": 1, "quantization": {"preset": "w8a8-int8", "exclude": ["lm_head"]}}
+    trained = AutoModelForCausalLM.from_pretrained(checkpoint)
+    with pytest.raises(CalibrationError, match=f"no calibration data given for the trained model {checkpoint}"):
+        qfx.compile(trained, no_calibration)
+    default = Calibration(synthetic=True, samples=2, seq_len=8)
+    assert calibration_set(default, wrap_module(tiny_llama()), given=False).samples == 2  # from_config: random weights
+    with pytest.raises(CalibrationError, match="no calibration data given"):
+        calibration_set(default, load_hf(checkpoint), given=False)
+    assert calibration_set(default, load_hf(checkpoint), given=True).samples == 2
+
+
+def test_the_build_knows_whether_the_spec_set_calibration(tmp_path):
+    """The flag the build passes as `given`: path resolution must not mark calibration as set."""
+    spec = {"version": 1, "model": {"path": "m"}, "quantization": {"preset": "w8a8-int8"}, "output": {"dir": "o"}}
+    path = tmp_path / "s.yaml"
+    path.write_text("version: 1\nmodel: {path: m}\nquantization: {preset: w8a8-int8}\noutput: {dir: o}\n")
+    for source in (spec, path, qfx.Spec.model_validate(spec)):
+        assert "calibration" not in qfx.load_spec(source).spec.model_fields_set
+    given = dict(spec, calibration={"tokens": "ids.npy"})
+    loaded = qfx.load_spec(given).spec
+    assert "calibration" in loaded.model_fields_set and loaded.calibration.model_fields_set == {"tokens"}
+
+
+def _token_file(tmp_path, shape):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape) % 256)
+    return path
+
+
+def test_a_2d_token_file_gives_samples_and_seq_len_the_spec_leaves_out(tmp_path):
+    bundle = wrap_module(tiny_llama())
+    path = _token_file(tmp_path, (6, 20))
+    whole = calibration_set(Calibration(tokens=str(path)), bundle)
+    assert tuple(whole.inputs[0].shape) == (6, 20) and whole.description == "ids.npy (6 × 20)"
+    rows = calibration_set(Calibration(tokens=str(path), samples=4), bundle)
+    assert tuple(rows.inputs[0].shape) == (4, 20)
+    cols = calibration_set(Calibration(tokens=str(path), seq_len=8), bundle)
+    assert tuple(cols.inputs[0].shape) == (6, 8) and torch.equal(cols.inputs[0], whole.inputs[0][:, :8])
+    with pytest.raises(CalibrationError, match=r"is \(6, 20\); samples × seq_len needs at least 6 × 32"):
+        calibration_set(Calibration(tokens=str(path), seq_len=32), bundle)  # explicit values are still checked
+    with pytest.raises(CalibrationError, match="samples of 1 token"):
+        calibration_set(Calibration(tokens=str(_token_file(tmp_path, (6, 1)))), bundle)
+    with pytest.raises(CalibrationError, match="fewer than samples × seq_len = 2048"):  # 1-D: the defaults
+        calibration_set(Calibration(tokens=str(_token_file(tmp_path, (120,)))), bundle)
+
+
+def test_a_2d_token_file_in_a_spec_file_builds_whole(tmp_path):
+    _token_file(tmp_path, (3, 12))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("version: 1\nmodel: {factory: 'qfx.examples:tiny_llama'}\ncalibration: {tokens: ids.npy}\n"
+                    "quantization: {preset: w8a8-int8-dynamic, exclude: [lm_head]}\n")
+    calib = qfx.compile(spec=spec, output_dir=tmp_path / "a").manifest["calibration"]
+    assert calib["samples"] == 3 and calib["description"] == "ids.npy (3 × 12)"
+
+
+def test_synthetic_calibration_too_large_to_draw_is_an_error():
+    too_many = Calibration(synthetic=True, samples=MAX_SYNTHETIC_VALUES // 64 + 1, seq_len=64)
+    with pytest.raises(CalibrationError, match="lower calibration.samples or seq_len"):
+        calibration_set(too_many, wrap_module(tiny_llama()))

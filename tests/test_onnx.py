@@ -162,7 +162,7 @@ def test_a_graph_that_computes_differently_fails_the_fed_comparison(built, tmp_p
     scale (an emitter bug) must fail verify's layer-by-layer comparison."""
     import shutil
 
-    from qfx.runtime.hashing import sha256_file
+    from qfx.runtime.hashing import manifest_sha256, sha256_file
 
     folder = tmp_path / "miswired"
     shutil.copytree(built["tiny-w8a8-int8.yaml"].artifact_dir, folder)
@@ -174,6 +174,7 @@ def test_a_graph_that_computes_differently_fails_the_fed_comparison(built, tmp_p
     onnx.save(model, str(folder / "model.onnx"))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["artifact"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    manifest["manifest_sha256"] = manifest_sha256(manifest)  # resealed, as a deliberate edit would be
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="of activation values differ"):
         verify_artifact(folder)

@@ -99,3 +99,40 @@ def test_group_size_must_divide_in_features(tmp_path):
     with pytest.raises(SpecError) as info:
         plan_of(tmp_path, "  default:\n    weight: {dtype: int4, granularity: per_group, group_size: 48}\n")
     assert "group_size 48 does not divide in_features 64" in str(info.value)
+
+
+def test_changing_granularity_drops_the_inherited_group_size(tmp_path):
+    # An int4 per_group preset, one layer moved to int8 per_channel: the preset's group_size no
+    # longer applies and goes, rather than failing "group_size applies to per_group only".
+    plan = plan_of(tmp_path, "  preset: w4a16-g32\n  rules:\n    - match: '*down_proj'\n"
+                             "      weight: {dtype: int8, granularity: per_channel}\n  exclude: [lm_head]\n")
+    down = plan["model.layers.0.mlp.down_proj"].fmt.weight
+    up = plan["model.layers.0.mlp.up_proj"].fmt.weight
+    assert (down.dtype, down.granularity, down.group_size) == (QDType.int8, Granularity.per_channel, 0)
+    assert (up.dtype, up.granularity, up.group_size) == (QDType.int4, Granularity.per_group, 32)
+
+
+def test_default_changing_the_presets_granularity_drops_its_group_size(tmp_path):
+    plan = plan_of(tmp_path, "  preset: w4a16-g128\n  default:\n    weight: {dtype: int8, granularity: per_tensor}\n")
+    assert {(q.fmt.weight.granularity, q.fmt.weight.group_size) for q in plan.values()} == {(Granularity.per_tensor, 0)}
+
+
+def test_switching_an_input_to_per_token_drops_the_inherited_observer(tmp_path):
+    plan = plan_of(tmp_path, "  preset: w8a8-int8\n  rules:\n    - match: '*up_proj'\n"
+                             "      input: {granularity: per_token}\n")
+    up = plan["model.layers.0.mlp.up_proj"].fmt.input
+    assert up.granularity is Granularity.per_token and up.observer is None
+    assert plan["model.layers.0.mlp.down_proj"].fmt.input.observer.value == "minmax"
+
+
+def test_group_size_set_with_another_granularity_in_one_patch_is_still_an_error(tmp_path):
+    with pytest.raises(SpecError) as info:
+        plan_of(tmp_path, "  preset: w4a16-g32\n  rules:\n    - match: '*up_proj'\n"
+                          "      weight: {dtype: int8, granularity: per_channel, group_size: 32}\n")
+    assert "group_size applies to per_group only, not per_channel" in str(info.value)
+    assert "spec.yaml:8:7: quantization.rules[0].weight" in str(info.value)
+    # A later rule back to per_group must name its group size: the dropped one does not return.
+    with pytest.raises(SpecError, match="per_group needs group_size"):
+        plan_of(tmp_path, "  preset: w4a16-g32\n  rules:\n    - match: '*proj'\n"
+                          "      weight: {granularity: per_channel}\n"
+                          "    - match: '*up_proj'\n      weight: {dtype: int4, granularity: per_group}\n")

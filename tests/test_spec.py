@@ -90,3 +90,31 @@ def test_json_spec_and_python_object_load(tmp_path):
 def test_cli_schema_prints_the_schema():
     out = subprocess.run([sys.executable, "-m", "qfx.cli", "schema"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["title"] == "Spec"
+
+
+def test_duplicate_key_is_an_error_not_a_silent_override(tmp_path):
+    msg = error_of(tmp_path, GOOD + "quantization:\n  preset: w4a16-g32\n")
+    assert "spec.yaml:7:1: quantization: duplicate key 'quantization' (first on line 5)" in msg
+
+
+def test_missing_field_points_at_the_mapping_that_lacks_it(tmp_path):
+    msg = error_of(tmp_path, "# a comment\nversion: 1\nmodel: {factory: 'qfx.examples:tiny_llama'}\n")
+    assert "spec.yaml:2:1: quantization: Field required" in msg
+
+
+def test_anchors_aliases_and_merge_keys_still_load(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD.replace("preset: w8a8-int8", """\
+default:
+    weight: &w {dtype: int8, granularity: per_channel}
+    input: {<<: *w, granularity: per_tensor}
+  rules:
+    - {match: '*k_proj', weight: *w}""")))
+    q = spec.spec.quantization
+    assert q.rules[0].weight == q.default.weight and q.default.input.granularity.value == "per_tensor"
+
+
+def test_seed_and_paths_the_build_could_not_use_are_spec_errors(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("{synthetic: true}", "{synthetic: true, seed: 18446744073709551616}"))
+    assert "spec.yaml:4:32: calibration.seed: Input should be less than or equal to 9223372036854775807" in msg
+    msg = error_of(tmp_path, GOOD + 'output: {dir: "a\\0b"}\n')
+    assert "spec.yaml:7:10: output.dir: a path cannot contain a NUL character" in msg
