@@ -21,9 +21,9 @@ from qfx.errors import ModelLoadError, OutputError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.memory import release_memory
 from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
-from qfx.passes.registry import check_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
+from qfx.passes.registry import check_pipeline
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs, first_tensor

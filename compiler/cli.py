@@ -35,7 +35,7 @@ def _inspect(args) -> int:
     report.md, which no hash covers."""
     from qfx.errors import ArtifactError
     from qfx.lowering.manifest import render_report
-    from qfx.runtime.loader import check_manifest_seal, read_manifest
+    from qfx.runtime.artifact_files import check_manifest_seal, read_manifest
 
     folder = Path(args.dir)
     manifest = read_manifest(folder, sealed=False)

@@ -9,8 +9,9 @@ from qfx.calib_data import read_text
 from qfx.capture import load_factory, load_hf
 from qfx.errors import ArtifactError, ModelLoadError, UserError
 from qfx.runtime import load
+from qfx.runtime.artifact_files import read_manifest
 from qfx.runtime.evaluate import compare_outputs, perplexity, windows
-from qfx.runtime.loader import check_factory_trusted, read_manifest
+from qfx.runtime.loader import check_factory_trusted
 
 
 def float_model(folder: Path, manifest: dict) -> torch.nn.Module | None:

@@ -12,9 +12,9 @@ import torch
 from qfx.lowering.manifest import layer_record, write_manifest
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
+from qfx.runtime.artifact_files import MODEL_FILE
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file
-from qfx.runtime.loader import MODEL_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")

@@ -32,9 +32,9 @@ from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_at
 
 from qfx.lowering.onnx_graph import onnx_ready
 from qfx.runtime import numerics, ops
+from qfx.runtime.artifact_files import ONNX_FILE
 from qfx.runtime.errors import OutputError
 from qfx.runtime.formats import QDType
-from qfx.runtime.loader import ONNX_FILE
 from qfx.runtime.verify import META_ACTIVATIONS, META_ROOT
 
 ONNX_DATA = "model.onnx.data"

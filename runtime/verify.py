@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qfx.runtime.artifact_files import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REBUILD, read_manifest
+from qfx.runtime.artifact_files import check_hashes as check_file_hashes
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerFormat, QDType
@@ -29,8 +31,7 @@ from qfx.runtime.layout import (
     weight_codes_as_uint8,
     weight_to_onnx,
 )
-from qfx.runtime.loader import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REBUILD, load, read_manifest
-from qfx.runtime.loader import check_hashes as check_file_hashes
+from qfx.runtime.loader import load
 from qfx.runtime.quant_linear import forced_activations
 
 # Outputs of torch and ONNX Runtime agree to float rounding, except where that rounding flips

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
 import qfx.runtime
-from qfx.runtime.loader import check_hashes, read_manifest
+from qfx.runtime.artifact_files import check_hashes, read_manifest
 
 # module, function, kill before or after it runs
 KILL_POINTS = [
@@ -131,7 +130,7 @@ def test_killed_while_writing_or_verifying_onnx(point, previous, tmp_path):
     assert assert_intact(previous, target) == "old"
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_killed_at_a_random_moment_of_the_write(seed, previous, tmp_path):
     """SIGKILL a random 0-400 ms after the build's temp directory gets its first file."""
     target = fresh_target(previous, tmp_path)
