@@ -11,16 +11,19 @@ import qfx
 from qfx.runtime.errors import ArtifactError, OutputError, SpecError, UserError
 from qfx.runtime.verify import verify_artifact
 
-# Measured on this machine (ORT 1.32 CPU EP, ORT_ENABLE_ALL): relative error of ONNX Runtime's
-# logits against the torch artifact's on 2 x 32 random ids.
+# Relative error of ONNX Runtime's logits against the torch artifact's on 2 x 32 random ids, fed
+# layer by layer (ORT 1.32 CPU EP, ORT_ENABLE_ALL). The bound is 10x the figure measured on an AVX2
+# CPU without VNNI; beside it, the figure with torch and MKL made to round as another machine would
+# ("scalar": ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41).
+# On an AVX-512 VNNI + AMX CPU every case passed (figures not recorded).
 SPEC_EXPECTATIONS = {
-    # spec: (ONNX code type of q_proj's weight, measured rel error)
-    "tiny-w8a8-int8.yaml": (onnx.TensorProto.UINT8, 1.7e-7),  # cpu target: int8 re-encoded as uint8
-    "tiny-w8a8-int8-dynamic.yaml": (onnx.TensorProto.INT8, 1.7e-7),  # gfx950: int8 stays int8
-    "tiny-fp8-gfx950.yaml": (onnx.TensorProto.FLOAT8E4M3FN, 7.1e-8),
-    "tiny-fp8-kv.yaml": (onnx.TensorProto.FLOAT8E4M3FNUZ, 8.2e-8),  # gfx942: FNUZ codes, KV-cache QDQ
-    "tiny-w4a16.yaml": (onnx.TensorProto.INT4, 1.9e-7),
-    "tiny-w4a16-g128.yaml": (onnx.TensorProto.INT4, 2e-7),  # small_llama: hidden 128
+    # spec: (ONNX code type of q_proj's weight, rel error measured on AVX2)
+    "tiny-w8a8-int8.yaml": (onnx.TensorProto.UINT8, 1.7e-7),  # scalar 1.7e-7; cpu target: int8 re-encoded as uint8
+    "tiny-w8a8-int8-dynamic.yaml": (onnx.TensorProto.INT8, 1.7e-7),  # 6.9e-8 now; scalar 6.9e-8; int8 stays int8
+    "tiny-fp8-gfx950.yaml": (onnx.TensorProto.FLOAT8E4M3FN, 7.1e-8),  # scalar 8.2e-8
+    "tiny-fp8-kv.yaml": (onnx.TensorProto.FLOAT8E4M3FNUZ, 8.2e-8),  # scalar 7.8e-8; FNUZ codes, KV-cache QDQ
+    "tiny-w4a16.yaml": (onnx.TensorProto.INT4, 1.9e-7),  # scalar 1.9e-7
+    "tiny-w4a16-g128.yaml": (onnx.TensorProto.INT4, 3.2e-7),  # scalar 3.4e-7; small_llama: hidden 128
 }
 
 
@@ -57,7 +60,7 @@ def test_every_spec_emits_checked_opset21_qdq_that_verifies(built, name):
     quantized_activations = sum(1 for rec in result.manifest["layers"].values()
                                 for role in ("input", "output") if rec["format"][role])
     assert verify["activations_fed"] == quantized_activations
-    assert verify["activation_values_differing"] == 0  # measured 0 on every tiny spec
+    assert verify["activation_values_differing"] == 0  # measured 0 on every tiny spec (AVX2 and scalar)
     assert "Verified" in (result.artifact_dir / "report.md").read_text()
 
 
@@ -215,8 +218,8 @@ def test_silu_computes_as_torch_does_so_codes_downstream_do_not_flip(tmp_path):
                output_names=["y"], uint8_codes=False, metadata={})
     got = torch.from_numpy(session(tmp_path / "model.onnx").run(None, {"x": example[0].numpy()})[0])
     want = torch.nn.functional.silu(example[0])
-    assert (got != want).float().mean() < 0.1  # measured 0.043 (x * Sigmoid(x): 0.62)
-    assert torch.allclose(got, want, rtol=1e-6, atol=0)  # measured 2.2e-7 at most (one ulp)
+    assert (got != want).float().mean() < 0.1  # AVX2 0.044, scalar 0.032 (x * Sigmoid(x): 0.62)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)  # AVX2 and scalar 2.2e-7 at most (one ulp)
 
 
 def test_models_over_the_protobuf_limit_keep_initializers_in_external_data(tmp_path, monkeypatch):
