@@ -13,7 +13,9 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -51,7 +53,8 @@ class AtomicDir:
                                   hint="give output.dir a directory of its own")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qfx-tmp-", dir=target.parent))
+            remove_stale_scratch(target)
+            self.tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "tmp"), dir=target.parent))
         except OSError as exc:
             raise OutputError(f"cannot write the output directory {target}: {exc.strerror}",
                               hint="choose a writable output.dir (or -o DIR)") from None
@@ -68,7 +71,7 @@ class AtomicDir:
             return
         old = None
         if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.qfx-old-", dir=self.target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_scratch_prefix(self.target, "old"), dir=self.target.parent))
             os.rename(self.target, old / "replaced")
         try:
             os.rename(self.tmp, self.target)
@@ -84,6 +87,37 @@ class AtomicDir:
     def __exit__(self, *exc) -> None:
         if self.tmp is not None:  # the unpublished build, or after a commit the replaced artifact
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# Scratch directories beside the output are named for the process that made them, so that a
+# later build can remove those of a build that was killed (on this host: a process on another
+# host sharing the folder cannot be checked, and its scratch is left alone).
+def _scratch_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.qfx-{kind}-{os.getpid()}@{socket.gethostname()}~"
+
+
+def remove_stale_scratch(target: Path) -> list[Path]:
+    """Remove the scratch directories of earlier builds of `target` on this host whose process
+    is gone (a build killed mid-write, or after publishing but before removing the artifact it
+    replaced); return them."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.qfx-(?:tmp|old)-(\d+)@(.+)~[^~]*")
+    removed = []
+    for entry in target.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and m.group(2) == socket.gethostname() and not _alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def fsync_path(path: Path) -> None:

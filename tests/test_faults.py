@@ -145,3 +145,18 @@ def test_killed_at_a_random_moment_of_the_write(seed, previous, tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-build: the ONNX export alone takes seconds
     assert assert_intact(previous, target) == "old"
+
+
+def test_the_next_build_removes_what_killed_builds_left(previous, tmp_path):
+    """A kill leaves a scratch directory beside the output (a half-written build, or the artifact
+    a published build replaced); the next build of that output removes them."""
+    target = fresh_target(previous, tmp_path)
+    left = []
+    for point in [("qfx.lowering.emit", "write_manifest", "before"), ("qfx.lowering.atomic", "exchange", "after")]:
+        assert kill_at(point, previous["new"], target).returncode == -signal.SIGKILL
+        left.append({p.name for p in tmp_path.glob(".artifact.qfx-*")})
+    assert len(left[0]) == len(left[1]) == 1 and not left[0] & left[1]  # the second build removed the first's
+    kept = tmp_path / ".artifact.qfx-tmp-1@another-host~x"  # another host's build may still be running
+    kept.mkdir()
+    qfx.compile(spec=previous["new"], output_dir=target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["artifact", kept.name])
