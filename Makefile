@@ -7,6 +7,10 @@ STAMP := $(VENV)/.qfx-installed
 # amd-quark (for the conformance tests) lives in its own environment: it pulls many packages.
 QUARK_VENV ?= .venv-quark
 QUARK_STAMP := $(QUARK_VENV)/.installed
+# ONNX Runtime 1.22, the last release with the ROCm execution provider, beside qfx in its own
+# environment: the conformance tests verify every spec's artifact there too.
+ORT122_VENV ?= .venv-ort122
+ORT122_STAMP := $(ORT122_VENV)/.installed
 
 .PHONY: setup demo test test-fast conformance-setup bench clean
 
@@ -26,7 +30,13 @@ $(QUARK_STAMP): constraints.txt
 	$(QUARK_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors amd-quark
 	touch $@
 
-conformance-setup: $(QUARK_STAMP)
+$(ORT122_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(ORT122_VENV)
+	$(ORT122_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(ORT122_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[onnx]' 'onnxruntime==1.22.*'
+	touch $@
+
+conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP)
 
 # Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
 demo: setup
@@ -36,7 +46,8 @@ demo: setup
 	print('reloaded:', type(m).__name__, 'logits', tuple(m(torch.tensor([[1, 2, 3, 4]])).logits.shape))"
 
 test: setup conformance-setup
-	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python $(PY) -m pytest -q
+	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python QFX_ORT122_PYTHON=$(abspath $(ORT122_VENV))/bin/python \
+		$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not conformance"

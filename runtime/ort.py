@@ -55,15 +55,48 @@ def providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PROVIDERS if p in available]
 
 
+# ONNX Runtime up to 1.22 (the last with the ROCm provider) fuses every QDQ -> MatMul into
+# MatMulIntegerToFloat, an integer-only op, FP8 included, and then rejects its own graph
+# ("Type 'tensor(float8e4m3fn)' of input parameter ... of operator (MatMulIntegerToFloat) ... is
+# invalid"). Turning the QDQ fusions off keeps FP8 models valid; from 1.23 on it is not needed.
+QDQ_FUSION_FIXED_IN = (1, 23)
+NO_QDQ_FUSION = {"session.disable_quant_qdq": "1"}
+
+
+def session_options(extra: dict[str, str] | None = None):
+    """The options qfx opens its models with: exact CPU kernels, errors-only logging, and `extra`
+    session config entries."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in {**EXACT_CPU_OPTIONS, **(extra or {})}.items():
+        options.add_session_config_entry(key, value)
+    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
+    return options
+
+
+def ort_version() -> tuple[int, int]:
+    import onnxruntime as ort
+
+    major, minor = ort.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def session(model: Path | bytes, requested: list[str] | None = None):
-    """An InferenceSession for a model file (or serialized model bytes)."""
+    """An InferenceSession for a model file (or serialized model bytes).
+
+    Decided by version, then by a probe: on ONNX Runtime before 1.23 a model whose QDQ fusion
+    the runtime itself rejects as an FP8 graph is reopened with the QDQ fusions off, so only FP8
+    models lose them (integer models keep their fused kernels)."""
     import onnxruntime as ort
 
     if not isinstance(model, bytes) and not Path(model).is_file():
         raise ArtifactError(f"{model} does not exist", hint="build with output.formats: [safetensors, onnx]")
-    options = ort.SessionOptions()
-    for key, value in EXACT_CPU_OPTIONS.items():
-        options.add_session_config_entry(key, value)
-    options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=providers(requested))
+    chosen = providers(requested)
+    try:
+        return ort.InferenceSession(source, session_options(), providers=chosen)
+    except Exception as exc:  # ORT raises its own pybind exception types, which differ by version
+        if ort_version() >= QDQ_FUSION_FIXED_IN or "float8" not in str(exc):
+            raise
+    return ort.InferenceSession(source, session_options(NO_QDQ_FUSION), providers=chosen)
