@@ -12,6 +12,18 @@ WIKITEXT = SHARED / "text" / "wikitext-2-raw-test.txt"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+TINY_SPECS = sorted((ROOT / "specs").glob("tiny-*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def built_specs(tmp_path_factory) -> dict:
+    """spec file name -> CompileResult of each tiny spec in specs/, built once per run (the build
+    runs `verify` itself). Tests that edit an artifact copy it first."""
+    import qfx
+
+    return {p.name: qfx.compile(spec=p, output_dir=tmp_path_factory.mktemp("spec") / "a") for p in TINY_SPECS}
+
+
 needs_shared = pytest.mark.skipif(not TINYSTORIES.is_dir(), reason="../shared/data (TinyStories Llama) is not beside this checkout")
 
 

@@ -5,13 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINYSTORIES_TEXT, needs_shared, tiny_spec
+from conftest import ROOT, TINY_SPECS, TINYSTORIES_TEXT, needs_shared, tiny_spec
 from safetensors import safe_open
 
 import qfx
 import qfx.runtime
-
-TINY_SPECS = sorted((ROOT / "specs").glob("tiny-*.yaml"))
 
 
 def reload_matches_graph(result, inputs):
@@ -28,9 +26,9 @@ def tensors_of(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("spec", TINY_SPECS, ids=lambda p: p.name)
-def test_tiny_specs_build_reload_and_match_the_graph_exactly(spec, tmp_path):
-    result = qfx.compile(spec=spec, output_dir=tmp_path / "a")
+@pytest.mark.parametrize("name", [p.name for p in TINY_SPECS])
+def test_tiny_specs_build_reload_and_match_the_graph_exactly(name, built_specs):
+    result = built_specs[name]
     names = sorted(p.name for p in result.artifact_dir.iterdir())
     assert names == ["config.json", "manifest.json", "model.onnx", "model.safetensors", "report.md"]
     equal, diff = reload_matches_graph(result, (torch.randint(0, 256, (2, 24)),))
@@ -39,16 +37,16 @@ def test_tiny_specs_build_reload_and_match_the_graph_exactly(spec, tmp_path):
     assert config["quantization_config"]["quant_method"] == "quark"
 
 
-def test_two_builds_are_byte_identical(tmp_path):
+def test_two_builds_are_byte_identical(built_specs, tmp_path):
     spec = ROOT / "specs" / "tiny-w8a8-int8.yaml"
-    a = qfx.compile(spec=spec, output_dir=tmp_path / "a").artifact_dir
+    a = built_specs[spec.name].artifact_dir
     b = qfx.compile(spec=spec, output_dir=tmp_path / "b").artifact_dir
     for name in ("model.safetensors", "model.onnx", "manifest.json", "config.json", "report.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_int8_layout_is_quarks(tmp_path):
-    result = qfx.compile(spec=ROOT / "specs" / "tiny-w8a8-int8.yaml", output_dir=tmp_path / "a")
+def test_int8_layout_is_quarks(built_specs):
+    result = built_specs["tiny-w8a8-int8.yaml"]
     t = tensors_of(result.artifact_dir / "model.safetensors")
     p = "model.layers.0.self_attn.k_proj."
     assert t[p + "weight"].dtype == torch.int8 and t[p + "weight"].shape == (32, 64)
@@ -61,8 +59,8 @@ def test_int8_layout_is_quarks(tmp_path):
     assert "lm_head.weight" not in t and t["model.embed_tokens.weight"].dtype == torch.float32
 
 
-def test_w4a16_layout_is_quarks_packed_int32(tmp_path):
-    result = qfx.compile(spec=ROOT / "specs" / "tiny-w4a16.yaml", output_dir=tmp_path / "a")
+def test_w4a16_layout_is_quarks_packed_int32(built_specs):
+    result = built_specs["tiny-w4a16.yaml"]
     t = tensors_of(result.artifact_dir / "model.safetensors")
     up = "model.layers.0.mlp.up_proj."  # int4, groups of 32: [in, out/8] int32, scales [in/g, out]
     assert t[up + "weight"].dtype == torch.int32 and t[up + "weight"].shape == (64, 128 // 8)

@@ -5,7 +5,7 @@ import struct
 import onnx
 import pytest
 import torch
-from conftest import ROOT, tiny_spec
+from conftest import tiny_spec
 
 import qfx
 from qfx.runtime.errors import ArtifactError, OutputError, SpecError, UserError
@@ -27,18 +27,9 @@ SPEC_EXPECTATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Each tiny spec built once (the build runs `verify` itself)."""
-    out = {}
-    for name in SPEC_EXPECTATIONS:
-        out[name] = qfx.compile(spec=ROOT / "specs" / name, output_dir=tmp_path_factory.mktemp("onnx") / "a")
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(SPEC_EXPECTATIONS))
-def test_every_spec_emits_checked_opset21_qdq_that_verifies(built, name):
-    result = built[name]
+def test_every_spec_emits_checked_opset21_qdq_that_verifies(built_specs, name):
+    result = built_specs[name]
     code_type, measured = SPEC_EXPECTATIONS[name]
     path = result.artifact_dir / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
@@ -64,18 +55,18 @@ def test_every_spec_emits_checked_opset21_qdq_that_verifies(built, name):
     assert "Verified" in (result.artifact_dir / "report.md").read_text()
 
 
-def test_kv_cache_and_per_token_become_standard_ops(built):
-    kv = onnx.load(str(built["tiny-fp8-kv.yaml"].artifact_dir / "model.onnx"))
+def test_kv_cache_and_per_token_become_standard_ops(built_specs):
+    kv = onnx.load(str(built_specs["tiny-fp8-kv.yaml"].artifact_dir / "model.onnx"))
     quantized_outputs = {n.input[1] for n in kv.graph.node if n.op_type == "QuantizeLinear"}
     assert "hf.model.layers.0.self_attn.k_proj.output_scale" in quantized_outputs
-    dynamic = onnx.load(str(built["tiny-w8a8-int8-dynamic.yaml"].artifact_dir / "model.onnx"))
+    dynamic = onnx.load(str(built_specs["tiny-w8a8-int8-dynamic.yaml"].artifact_dir / "model.onnx"))
     ops = [n.op_type for n in dynamic.graph.node]
     assert "ReduceMax" in ops and "Round" in ops and "QuantizeLinear" not in ops
 
 
-def test_layers_reading_one_input_share_one_quantize_linear(built):
+def test_layers_reading_one_input_share_one_quantize_linear(built_specs):
     """q/k/v and gate/up quantize the same tensor with equal scales: one QuantizeLinear each."""
-    result = built["tiny-w8a8-int8.yaml"]
+    result = built_specs["tiny-w8a8-int8.yaml"]
     model = onnx.load(str(result.artifact_dir / "model.onnx"))
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     inputs = [n.input[0] for n in quantizers]
@@ -88,10 +79,10 @@ def test_layers_reading_one_input_share_one_quantize_linear(built):
     assert len(consumers) == 3  # q_proj, k_proj, v_proj each keep their own scale
 
 
-def test_verify_cli_reports_and_a_missing_provider_is_named(built, capsys):
+def test_verify_cli_reports_and_a_missing_provider_is_named(built_specs, capsys):
     from qfx.cli import main
 
-    folder = str(built["tiny-w8a8-int8.yaml"].artifact_dir)
+    folder = str(built_specs["tiny-w8a8-int8.yaml"].artifact_dir)
     assert main(["verify", folder, "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["providers"] == ["CPUExecutionProvider"] and figures["output_rel_error"] < 1e-4
@@ -100,11 +91,11 @@ def test_verify_cli_reports_and_a_missing_provider_is_named(built, capsys):
     assert "MIGraphXExecutionProvider is not installed" in err and "onnxruntime-migraphx" in err
 
 
-def test_an_edited_safetensors_is_caught_with_the_tensor_name(built, tmp_path):
+def test_an_edited_safetensors_is_caught_with_the_tensor_name(built_specs, tmp_path):
     import shutil
 
     folder = tmp_path / "edited"
-    shutil.copytree(built["tiny-w8a8-int8.yaml"].artifact_dir, folder)
+    shutil.copytree(built_specs["tiny-w8a8-int8.yaml"].artifact_dir, folder)
     path = folder / "model.safetensors"
     data = bytearray(path.read_bytes())
     header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
@@ -160,7 +151,7 @@ def test_an_op_onnx_cannot_express_is_named_with_its_module(tmp_path):
     assert isinstance(info.value, UserError) and not (tmp_path / "out").exists()
 
 
-def test_a_graph_that_computes_differently_fails_the_fed_comparison(built, tmp_path):
+def test_a_graph_that_computes_differently_fails_the_fed_comparison(built_specs, tmp_path):
     """Bit-identical tensors are not enough: a DequantizeLinear that reads another layer's
     scale (an emitter bug) must fail verify's layer-by-layer comparison."""
     import shutil
@@ -168,7 +159,7 @@ def test_a_graph_that_computes_differently_fails_the_fed_comparison(built, tmp_p
     from qfx.runtime.hashing import manifest_sha256, sha256_file
 
     folder = tmp_path / "miswired"
-    shutil.copytree(built["tiny-w8a8-int8.yaml"].artifact_dir, folder)
+    shutil.copytree(built_specs["tiny-w8a8-int8.yaml"].artifact_dir, folder)
     model = onnx.load(str(folder / "model.onnx"))
     wrong = "hf.model.layers.0.self_attn.o_proj.input_scale"
     target = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"

@@ -47,8 +47,8 @@ def on_ort122(folder, ids, tmp_path) -> tuple[torch.Tensor, dict]:
 @requires_ort122
 @pytest.mark.parametrize("spec_path", [pytest.param(p, marks=[needs_shared] if "tinystories" in p.name else [])
                                        for p in SPECS], ids=lambda p: p.name)
-def test_every_spec_verifies_on_ort_1_22_as_on_the_latest(spec_path, tmp_path):
-    result = build_with_onnx(spec_path, tmp_path / "a")
+def test_every_spec_verifies_on_ort_1_22_as_on_the_latest(spec_path, built_specs, tmp_path):
+    result = built_specs.get(spec_path.name) or build_with_onnx(spec_path, tmp_path / "a")
     folder = result.artifact_dir
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     old, report = on_ort122(folder, ids, tmp_path)
