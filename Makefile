@@ -55,6 +55,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/compile.py --repeats 3
 	$(PY) bench/ort.py
+	$(PY) bench/accuracy.py
 
 clean:
 	rm -rf out .pytest_cache

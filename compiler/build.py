@@ -24,6 +24,7 @@ from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pip
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import check_pipeline
+from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs, first_tensor
@@ -104,8 +105,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     """
     loaded: LoadedSpec = load_spec(spec)
     cfg = loaded.spec
-    items = parse_pipeline(pipeline or DEFAULT_PIPELINE)
-    check_pipeline(items)
+    items = _pipeline(cfg, pipeline)
     out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
     force = force if force is not None else bool(cfg.output and cfg.output.force)
     if out_path is not None and not any(getattr(i, "name", None) == "convert" for i in items):
@@ -142,7 +142,12 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             release_memory()
             return stats
 
-        ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, calibrate=calibrate)
+        if any(getattr(i, "name", None) == SmoothQuant.name for i in items) and \
+                not any(q.fmt.input is not None for q in plan.values()):
+            raise UserError("algorithms: smoothquant moves activation outliers into the weights, but the spec "
+                            "quantizes no activations", hint="quantize the layers' inputs (e.g. preset "
+                            "w8a8-int8), or remove smoothquant for weight-only quantization")
+        ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=calibrate, example=example)
         with _timed(seconds, "passes"):
             gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
         release_memory()
@@ -161,15 +166,39 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
+                if SmoothQuant.name in ctx.stats:
+                    header["smoothquant"] = {k: ctx.stats[SmoothQuant.name][k] for k in ("groups", "not_folded")}
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
-                manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify)
+                manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
+                                 ctx.float_weights)
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
         if out is not None:
             settle(model_file)
             out.__exit__(None, None, None)
+
+
+def _pipeline(cfg, explicit: str | None) -> list:
+    """The spec's pipeline: its algorithms after observe, where they calibrate (smoothquant runs
+    the data itself). An explicit pipeline replaces it, but must run every algorithm the spec asks for."""
+    wanted = [_algorithm_pass(a) for a in cfg.algorithms]
+    text = explicit or (f"annotate,observe,{format_pipeline(wanted)},convert,freeze" if wanted else DEFAULT_PIPELINE)
+    items = parse_pipeline(text)
+    check_pipeline(items)
+    names = {getattr(i, "name", i) for i in items}
+    if missing := [p.name for p in wanted if p.name not in names]:
+        raise UserError(f"the spec's algorithms ask for {', '.join(missing)}, which pipeline {text!r} does not run",
+                        hint=f"add {format_pipeline(wanted)} after observe, or leave out --pipeline")
+    return items
+
+
+def _algorithm_pass(algorithm):
+    options = getattr(algorithm, algorithm.name)
+    if algorithm.name == SmoothQuant.name:
+        return SmoothQuant(alpha=str(options.alpha))
+    raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
 
 def _model_name(bundle: ModelBundle) -> str:
@@ -255,9 +284,9 @@ def _onnx_options(cfg, bundle: ModelBundle, example: tuple) -> dict:
 
 
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
-          model_file: Future, onnx: dict | None, verify: bool) -> dict:
-    def fp_weight(path: str):
-        return bundle.module.get_submodule(bundle.root_prefix + path).weight.detach()
+          model_file: Future, onnx: dict | None, verify: bool, float_weights: dict) -> dict:
+    def fp_weight(path: str):  # the weight convert quantized, folds included
+        return float_weights.get(path)
 
     try:
         manifest = emit_artifact(

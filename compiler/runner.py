@@ -53,7 +53,7 @@ def run_pipeline(gm: torch.fx.GraphModule, items: list[Pass | str], ctx: PassCon
         if item == CALIBRATE:
             start = time.perf_counter()
             try:
-                stats = ctx.calibrate(gm)
+                stats = ctx.run_data(gm)
             except QfxError:
                 raise
             except Exception as exc:

@@ -254,6 +254,46 @@ class Output(_Model):
         return sorted(set(formats), key=list(OutputFormat).index)
 
 
+class SmoothQuantOptions(_Model):
+    alpha: float | Literal["auto"] = Field(
+        default="auto", description="migration strength in (0, 1): s = max|X|^alpha / max|W|^(1-alpha); "
+                                    "auto searches it per fold group on the calibration data")
+
+    @field_validator("alpha")
+    @classmethod
+    def _open_unit(cls, value):
+        if value != "auto" and not 0 < value < 1:
+            raise ValueError(f"alpha must be in (0, 1) or auto, got {value}")
+        return value
+
+
+class Algorithm(_Model):
+    """One entry of `algorithms`: a mapping with a single key naming the algorithm."""
+
+    smoothquant: SmoothQuantOptions | None = Field(
+        default=None, description="SmoothQuant, folded exactly into the producers the graph's dataflow proves")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value):
+        if isinstance(value, str):  # `- smoothquant` means its defaults
+            return {value: {}}
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self):
+        if len(self.model_fields_set) != 1:
+            raise ValueError(f"each entry names one algorithm, e.g. {{smoothquant: {{alpha: auto}}}}; "
+                             f"got {sorted(self.model_fields_set) or 'none'}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.model_fields_set))
+
+
 class Spec(_Model):
     version: Literal[1]
     model: ModelSource | None = Field(default=None, description="required unless qfx.compile is given a model")
@@ -264,7 +304,17 @@ class Spec(_Model):
                                      description="required for trained checkpoints; default synthetic: true "
                                                  "for factory models")
     quantization: Quantization
+    algorithms: list[Algorithm] = Field(default_factory=list, description="transforms run before "
+                                        "quantization, in order, e.g. [{smoothquant: {alpha: auto}}]")
     output: Output | None = None
+
+    @field_validator("algorithms")
+    @classmethod
+    def _once_each(cls, algorithms: list[Algorithm]) -> list[Algorithm]:
+        names = [a.name for a in algorithms]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"{', '.join(twice)} is listed more than once")
+        return algorithms
 
 
 def spec_json_schema() -> dict[str, Any]:

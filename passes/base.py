@@ -15,15 +15,22 @@ class PassContext:
 
     plan: module path -> LayerQuant, resolved from the spec before the graph is touched.
     root_prefix: the module-path prefix of the captured wrapper (e.g. "hf.").
-    calibrate: runs the calibration data through a graph (the phase between observe and convert).
+    run_data: runs the calibration data through the part of a graph that feeds its recorders
+        (observers, or a pass's statistics modules); the `calibrate` phase and passes that
+        need data both use it, so data reaches passes through the context.
+    example: a small input of the captured graph, for analyses that need concrete shapes.
     facts: what the passes so far have established (checked against `requires`).
+    float_weights: module path -> the float weight `convert` quantized (after any fold), the
+        reference of the artifact's weight SQNR.
     """
 
     plan: dict[str, LayerQuant]
     root_prefix: str = ""
-    calibrate: Callable[[torch.fx.GraphModule], dict] | None = None
+    run_data: Callable[[torch.fx.GraphModule], dict] | None = None
+    example: tuple | None = None
     facts: set[str] = dataclasses.field(default_factory=set)
     stats: dict[str, dict] = dataclasses.field(default_factory=dict)
+    float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,6 +101,7 @@ class Convert(Pass):
                                       f"({', '.join(u.name for u in weight_node.users)})",
                                       hint="exclude this layer (tied weights are kept in float)")
                 w = getattr(edit.owner, weight_node.target.rsplit(".", 1)[1])
+                ctx.float_weights[quant.module] = w.detach()
                 codes, scale, zero_point = quantize_weight(w.detach(), fmt.weight)
                 with graph.inserting_before(linear):
                     codes_node = edit.buffer(weight_node.target.rsplit(".", 1)[1], codes)

@@ -11,6 +11,9 @@ from qfx.runtime.formats import LayerQuant
 QUANT_KEY = "qfx.quant"
 ROLE_KEY = "qfx.role"
 
+# Roles of the nodes qfx inserts that return their input unchanged (recorders of statistics).
+IDENTITY_ROLES = ("observer", "statistics")
+
 # Meta that every node a pass creates copies from the node it stands beside.
 INHERITED_KEYS = ("nn_module_stack", "stack_trace")
 

@@ -15,9 +15,16 @@ from qfx.runtime.formats import ObserverKind, TensorFormat
 class Observer(torch.nn.Module):
     _is_impure = True  # it records state, so dead-code elimination must keep it (torch.fx reads this)
 
+    # Whether the range is the plain min and max of what it saw, so that a fold that scales
+    # the channels of its input gives the new range from per-channel statistics exactly.
+    channelwise_exact = False
+
     def __init__(self, fmt: TensorFormat, where: str, **options):
         super().__init__()
         self.fmt, self.where = fmt, where
+        self.reset()
+
+    def reset(self) -> None:
         self.batches = 0
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
@@ -55,7 +62,7 @@ class Observer(torch.nn.Module):
 
 
 class MinMaxObserver(Observer):
-    pass
+    channelwise_exact = True
 
 
 class MovingAverageObserver(Observer):
@@ -84,6 +91,9 @@ class PercentileObserver(Observer):
     def __init__(self, fmt, where, percentile: float = 99.99, **options):
         super().__init__(fmt, where)
         self.percentile = percentile
+
+    def reset(self) -> None:
+        super().reset()
         self.samples = 0
         self.lo_sum = self.hi_sum = None
 

@@ -14,9 +14,10 @@ from qfx.passes.base import Pass
 from qfx.passes.convert import Convert
 from qfx.passes.freeze import Freeze
 from qfx.passes.observe import Observe
+from qfx.passes.smoothquant import SmoothQuant
 from qfx.runtime.errors import UserError
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Observe, Convert, Freeze)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, SmoothQuant, Observe, Convert, Freeze)}
 CALIBRATE = "calibrate"
 DEFAULT_PIPELINE = "annotate,observe,calibrate,convert,freeze"
 

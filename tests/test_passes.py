@@ -29,7 +29,7 @@ def setup():
     data = calibration_set(loaded.spec.calibration, bundle)
     gm = export(bundle, tuple(t[:2] for t in data.inputs))
     plan = resolve_plan(loaded.spec.quantization, loaded.spec.target, _linears(gm, bundle.root_prefix), loaded.source)
-    ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, calibrate=lambda g: run_calibration(g, data, 2))
+    ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=lambda g: run_calibration(g, data, 2))
     return gm, ctx, data
 
 

@@ -27,10 +27,10 @@ def story_ids():
     return tok(TINYSTORIES_TEXT.read_text(), return_tensors="pt", verbose=False)["input_ids"][0]
 
 
-def tinystories_ppl(quantization, target, ids):
+def tinystories_ppl(quantization, target, ids, algorithms=()):
     spec = {"version": 1, "model": {"path": str(TINYSTORIES)}, "target": target,
             "calibration": {"text": str(TINYSTORIES_TEXT), "samples": 16, "seq_len": 128},
-            "quantization": {**quantization, "exclude": ["lm_head"]}}
+            "quantization": {**quantization, "exclude": ["lm_head"]}, "algorithms": list(algorithms)}
     result = qfx.compile(spec=spec)
     return perplexity(lambda x: result.graph(x), ids, 256)
 
@@ -45,13 +45,15 @@ def test_float_perplexity_protocol(story_ids):
 
 @pytest.mark.parametrize("name, quantization, target, limit_pct", [
     ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 4.0),  # +3.16%; AVX-512 +3.18%; scalar +3.17%
+    ("w8a8-int8-static-smoothquant", {"preset": "w8a8-int8"}, "cpu", 1.5),  # +0.88%
     ("w8a8-int8-per-token", {"preset": "w8a8-int8-dynamic"}, "cpu", 0.5),  # +0.20%; scalar +0.20%
     ("fp8-gfx942-fnuz", {"preset": "w8a8-fp8"}, "gfx942", 3.0),  # +2.18%; scalar +2.16%
     ("fp8-gfx950-fn", {"preset": "w8a8-fp8"}, "gfx950", 3.0),  # +2.18%; scalar +2.16%
     ("w4a16-g64", {"preset": "w4a16-g64"}, "cpu", 28.0),  # +25.39%; scalar +25.39%
 ])
 def test_tinystories_perplexity(name, quantization, target, limit_pct, story_ids):
-    ppl = tinystories_ppl(quantization, target, story_ids)["perplexity"]
+    algorithms = [{"smoothquant": {"alpha": "auto"}}] if name.endswith("smoothquant") else []
+    ppl = tinystories_ppl(quantization, target, story_ids, algorithms)["perplexity"]
     change = 100 * (ppl / FP32_PPL - 1)
     print(f"{name} on {cpu_isa()}: perplexity {ppl:.4f} ({change:+.2f}%)")
     assert change <= limit_pct

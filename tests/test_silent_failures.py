@@ -75,7 +75,7 @@ def test_the_runner_refuses_a_second_calibrate_too():
     from qfx.passes import PassContext, parse_pipeline
     from qfx.runner import run_pipeline
 
-    ctx = PassContext(plan={}, calibrate=lambda gm: {}, facts={"annotated", "observed", "calibrated"})
+    ctx = PassContext(plan={}, run_data=lambda gm: {}, facts={"annotated", "observed", "calibrated"})
     with pytest.raises(PassFailure, match="calibrate twice"):
         run_pipeline(torch.fx.symbolic_trace(torch.nn.Identity()), parse_pipeline("calibrate"), ctx)
 

@@ -1,0 +1,290 @@
+"""smoothquant: move activation outliers into the weights, folded exactly (SmoothQuant).
+
+For each fold group the dataflow proves (passes/dataflow.py), channel c gets
+s_c = max|X_c|^α / max|W_c|^(1-α): the producer's channel c is divided by s_c and the
+consumers' matching input columns multiplied by it, so the float model is unchanged while
+the activations the quantizer sees lose their outliers. With `alpha=auto` each group takes
+the α of a grid that minimizes its consumers' quantized output error on rows sampled from
+the calibration data (the layer's own formats); a group no α improves stays as it was.
+
+It runs after `observe` and is the calibration: one pass over the data feeds the observers
+and per-channel statistics of every group input. A min-max observer's range after the fold
+follows exactly from those statistics (min_j lo_j / s_j, max_j hi_j / s_j); observers whose
+range does not (percentile, moving average) are reset and see the data a second time.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qfx.passes.annotate import LINEAR, linear_nodes
+from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fold_groups
+from qfx.passes.fold import apply_fold, column_scales, get_tensor, shared_tensors
+from qfx.passes.meta import copy_meta, get_quant, module_path
+from qfx.passes.observe import observer_name
+from qfx.runtime.errors import PassFailure
+from qfx.runtime.formats import Granularity, TensorFormat
+from qfx.runtime.numerics import (
+    dequantize,
+    qparams_from_range,
+    quantize,
+    quantize_per_token,
+    quantize_weight,
+    sum_squares,
+    weight_axis,
+)
+
+# α search: the coarse grid, then the two points halfway to the best one's neighbours.
+ALPHA_COARSE = (0.15, 0.35, 0.55, 0.75, 0.95)
+ALPHA_STEP = 0.1
+# Smoothing factors are kept within these bounds: a channel that is ~0 in X or W would
+# otherwise get a factor that overflows its partner.
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+class ChannelStats(torch.nn.Module):
+    """Per-channel min and max of the activation flowing through, and an evenly spaced sample
+    of its rows (at most 2 * rows): what the α search runs the group's linears on."""
+
+    _is_impure = True  # torch.fx keeps it through dead-code elimination
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.max_rows = rows
+        self.lo = self.hi = None
+        self.kept: list[torch.Tensor] = []
+        self.stride, self.seen = 1, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            lo, hi = torch.aminmax(flat, dim=0)
+            self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+            self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+            self.kept.append(flat[(-self.seen) % self.stride::self.stride].clone())
+            self.seen += flat.shape[0]
+            if sum(t.shape[0] for t in self.kept) > 2 * self.max_rows:  # keep every other row
+                self.kept, self.stride = [torch.cat(self.kept)[::2]], self.stride * 2
+        return x
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuant(Pass):
+    name = "smoothquant"
+    requires = frozenset({"annotated", "observed"})
+    produces = frozenset({"smoothed", "calibrated"})
+    alpha: str = "auto"  # a number in (0, 1), or auto: searched per group
+    rows: int = 256  # activation rows per group input kept for the α search
+
+    def __post_init__(self):
+        if self.alpha != "auto":
+            try:
+                value = float(self.alpha)
+            except ValueError:
+                raise ValueError(f"alpha takes a number in (0, 1) or auto, got {self.alpha!r}") from None
+            if not 0 < value < 1:
+                raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.rows < 1:
+            raise ValueError(f"rows must be at least 1, got {self.rows}")
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        if ctx.run_data is None or ctx.example is None:
+            raise PassFailure("smoothquant needs the calibration data and an example input in the pass context")
+        groups, refused = find_fold_groups(gm, ctx.example, concrete_values(gm, ctx.example))
+        chosen, skipped = [], []
+        for group in groups:
+            if not any(_input_format(c) is not None for c in group.consumers):
+                continue  # nothing quantizes what this group would smooth
+            if reason := _cannot_edit(gm, group):
+                skipped.append(Unfoldable(group.producer, group.consumers, reason))
+                continue
+            chosen.append(group)
+        observers = [gm.get_submodule(n.target) for n in gm.graph.nodes if observer_name(n)]
+        for observer in observers:  # whatever they saw before is replaced by this pass's data
+            observer.reset()
+        stats = _collect(gm, ctx, chosen, self.rows)
+        records, stale = [], []
+        for group in chosen:
+            record, scales = self._smooth(gm, group, stats, ctx.root_prefix)
+            records.append(record)
+            if scales is not None:
+                stale += _rescale_observers(gm, group, scales, stats)
+        gm.recompile()
+        if stale:  # observers whose range no statistic gives: they see the smoothed data
+            for observer in stale:
+                observer.reset()
+            ctx.run_data(gm)
+        not_folded = _not_folded(gm, chosen, refused + skipped, ctx.root_prefix)
+        return PassResult(gm, modified=any(r["alpha"] is not None for r in records),
+                          stats={"groups": records, "not_folded": not_folded,
+                                 "observers_recalibrated": len(stale)})
+
+    def _smooth(self, gm, group: FoldGroup, stats: dict, prefix: str) -> tuple[dict, torch.Tensor | None]:
+        inputs = [stats[c.args[0]] for c in group.consumers]
+        weights = [get_tensor(gm, c.args[1].target).detach().double() for c in group.consumers]
+        x_max, w_max = _channel_max(group, inputs, weights)
+        consumers = [_Consumer(c, stat, w) for c, stat, w in zip(group.consumers, inputs, weights)]
+        usable = group.foldable & (x_max > 0) & (w_max > 0)
+
+        def scales(alpha: float) -> torch.Tensor:
+            s = (x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)).clamp(S_MIN, S_MAX)
+            return torch.where(usable, s, torch.ones((), dtype=torch.float64))
+
+        before = _group_error(group, consumers, torch.ones_like(x_max))
+        candidates = ALPHA_COARSE if self.alpha == "auto" else (float(self.alpha),)
+        errors = {a: _group_error(group, consumers, scales(a)) for a in candidates}
+        if self.alpha == "auto":
+            best = min(errors, key=errors.get)
+            for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
+                if 0 < a < 1:
+                    errors[a] = _group_error(group, consumers, scales(a))
+        alpha = min(errors, key=errors.get)
+        if self.alpha == "auto" and errors[alpha] >= before:
+            alpha = None  # no α helps this group: leave it as it is
+        if alpha is not None:
+            apply_fold(gm, group, scales(alpha))
+        record = {"producer": _describe_producer(group.producer, prefix), "kind": group.producer.kind,
+                "consumers": [module_path(c, prefix) for c in group.consumers],
+                "channels": [int(group.foldable.sum()), group.producer.channels], "alpha": alpha,
+                "error_before": round(before, 6), "error_after": round(errors[alpha] if alpha is not None else before, 6)}
+        return record, None if alpha is None else scales(alpha)
+
+
+def _cannot_edit(gm, group: FoldGroup) -> str | None:
+    if shared := shared_tensors(gm, group):
+        return f"{', '.join(shared)} is also read elsewhere (tied weights)"
+    producer = group.producer.node
+    quant = get_quant(producer) if group.producer.kind == "linear" else None
+    if quant is not None and quant.fmt.output is not None:
+        return "its output is quantized (KV cache), and the fold would change that range"
+    return None
+
+
+def _rescale_observers(gm, group: FoldGroup, s: torch.Tensor, stats: dict) -> list:
+    """Set the range of each min-max observer on a group input from its channel statistics
+    divided by the fold's factors; return the observers that need the data again."""
+    stale = []
+    for consumer, t in zip(group.consumers, column_scales(group, s)):
+        source = consumer.args[0]
+        if not observer_name(source):
+            continue
+        observer = gm.get_submodule(source.target)
+        if not observer.channelwise_exact:
+            stale.append(observer)
+            continue
+        stat = stats[source]
+        observer.lo, observer.hi = (stat.lo.double() / t).min().float(), (stat.hi.double() / t).max().float()
+    return stale
+
+
+def _input_format(linear) -> TensorFormat | None:
+    quant = get_quant(linear)
+    return quant.fmt.input if quant is not None else None
+
+
+def _collect(gm, ctx: PassContext, groups: list[FoldGroup], rows: int) -> dict:
+    """Run the calibration data once, with a ChannelStats on every group input."""
+    recorders: dict = {}
+    sources = dict.fromkeys(c.args[0] for g in groups for c in g.consumers)  # before any insertion
+    for source in sources:
+        consumer = next(u for u in source.users if u.target is LINEAR)
+        name = f"qfx_channel_stats_{len(recorders)}"
+        gm.add_submodule(name, ChannelStats(rows))
+        with gm.graph.inserting_after(source):
+            node = gm.graph.call_module(name, (source,))
+        copy_meta(node, consumer, "statistics", source.meta.get("val"))
+        source.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        recorders[source] = node
+    gm.recompile()
+    ctx.run_data(gm)  # also the observers' calibration, so it runs even without a group
+    found = {}
+    for source, node in recorders.items():
+        found[source] = gm.get_submodule(node.target)
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.recompile()
+    return found
+
+
+def _channel_max(group: FoldGroup, inputs: list[ChannelStats], weights: list[torch.Tensor]):
+    """max|X| and max|W| per producer channel, over every consumer column that carries it."""
+    x_max = torch.zeros(group.producer.channels, dtype=torch.float64)
+    w_max = torch.zeros_like(x_max)
+    for m, stat, w in zip(group.maps, inputs, weights):
+        cols = m >= 0
+        x_col = torch.maximum(-stat.lo, stat.hi).double()
+        x_max.scatter_reduce_(0, m[cols], x_col[cols], "amax")
+        w_max.scatter_reduce_(0, m[cols], w.abs().amax(dim=0)[cols], "amax")
+    return x_max, w_max
+
+
+class _Consumer:
+    """A consumer's sampled input rows, weight, float output and formats, for the α search."""
+
+    def __init__(self, node, stat: ChannelStats, weight: torch.Tensor):
+        quant = get_quant(node)
+        self.x, self.w = stat.rows(), weight.float()
+        self.lo, self.hi = stat.lo.double(), stat.hi.double()
+        self.ref = self.x @ self.w.T
+        self.fmt_in = quant.fmt.input if quant else None
+        self.fmt_w = quant.fmt.weight if quant else None
+
+    def error(self, t: torch.Tensor) -> tuple[float, float]:
+        """Squared error of the quantized output with column factors t, and the output's energy."""
+        xq = _fake_quant_input(self.x / t.float(), (self.lo / t).min(), (self.hi / t).max(), self.fmt_in)
+        wq = _fake_quant_weight(self.w * t.float(), self.fmt_w)
+        return sum_squares(xq @ wq.T - self.ref), sum_squares(self.ref)
+
+
+def _group_error(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> float:
+    """The mean over consumers of each one's quantized output error relative to its float output.
+
+    Each consumer counts alike: weighting by output energy would let q and k outvote v in an
+    attention group, while v's error is the one that reaches the next layer unattenuated."""
+    parts = [c.error(t) for c, t in zip(consumers, column_scales(group, s))]
+    return sum(noise / max(energy, 1e-30) for noise, energy in parts) / len(parts)
+
+
+def _fake_quant_input(x, lo, hi, fmt: TensorFormat | None) -> torch.Tensor:
+    if fmt is None:
+        return x
+    if fmt.granularity is Granularity.per_token:
+        codes, scale = quantize_per_token(x, fmt.dtype)
+        return dequantize(codes, scale, None, fmt.dtype)
+    scale, zero_point = qparams_from_range(lo, hi, fmt)  # static per tensor, as a min-max observer
+    return dequantize(quantize(x, scale, zero_point, fmt.dtype), scale, zero_point, fmt.dtype)
+
+
+def _fake_quant_weight(w, fmt: TensorFormat | None) -> torch.Tensor:
+    if fmt is None:
+        return w
+    codes, scale, zero_point = quantize_weight(w, fmt)
+    return dequantize(codes, scale, zero_point, fmt.dtype, weight_axis(fmt), fmt.group_size)
+
+
+def _describe_producer(producer, prefix: str) -> str:
+    if producer.kind == "vector":
+        return producer.params[0].removeprefix(prefix)
+    return module_path(producer.node, prefix) or producer.node.name
+
+
+def _not_folded(gm, chosen: list[FoldGroup], refused: list[Unfoldable], prefix: str) -> list[dict]:
+    """Linears whose quantized input no group smooths, with the reason found for each."""
+    covered = {c for g in chosen for c in g.consumers}
+    reasons = {}
+    for r in refused:
+        for c in r.consumers:
+            reasons.setdefault(c, f"{_describe_producer(r.producer, prefix)} cannot fold: {r.reason}")
+    out = []
+    for node in linear_nodes(gm):
+        if _input_format(node) is not None and node not in covered:
+            out.append({"layer": module_path(node, prefix),
+                        "reason": reasons.get(node, "no producer scales its input channels exactly (a "
+                                                    "nonlinearity or a sum lies between them)")})
+    return out
