@@ -166,12 +166,14 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
-                if SmoothQuant.name in ctx.stats:
-                    header["smoothquant"] = {k: ctx.stats[SmoothQuant.name][k] for k in ("groups", "not_folded")}
+                folds = ctx.stats.get(SmoothQuant.name)
+                if folds is not None:  # the per-channel maxima go to the pictures only
+                    header["smoothquant"] = {"groups": [{k: v for k, v in g.items() if k != "channel_max"}
+                                                        for g in folds["groups"]], "not_folded": folds["not_folded"]}
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
-                                 ctx.float_weights)
+                                 ctx.float_weights, folds)
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
@@ -284,7 +286,7 @@ def _onnx_options(cfg, bundle: ModelBundle, example: tuple) -> dict:
 
 
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
-          model_file: Future, onnx: dict | None, verify: bool, float_weights: dict) -> dict:
+          model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
         return float_weights.get(path)
 
@@ -294,7 +296,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx)
+            onnx=onnx, folds=folds)
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None
             # check_hashes=False: the build wrote these files and their hashes a moment ago

@@ -51,16 +51,22 @@ def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQua
 def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
-                  model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None) -> dict:
+                  model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
+                  folds: dict | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
-    write_onnx's options when the artifact includes model.onnx."""
+    write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
+    records, pictured in PNGs that report.md shows."""
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
     if onnx is not None:
         from qfx.lowering.onnx_emit import write_onnx  # onnx and onnxscript load only when asked for
 
         files += write_onnx(folder, gm, **onnx)
+    if folds is not None and folds["groups"]:
+        from qfx.lowering.plots import write_fold_plots  # matplotlib loads only when there is a picture
+
+        files += write_fold_plots(folder, folds["groups"])
     if hf_config is not None:
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

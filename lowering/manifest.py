@@ -52,7 +52,7 @@ def _fmt_cell(fmt) -> str:
     return "—" if fmt is None else fmt.describe()
 
 
-def _smoothquant_section(record: dict | None) -> list[str]:
+def _smoothquant_section(record: dict | None, pictures: list[str]) -> list[str]:
     if not record:
         return []
     lines = ["## SmoothQuant folds", "", "| producer | consumers | channels | α | group error before → after |",
@@ -62,6 +62,8 @@ def _smoothquant_section(record: dict | None) -> list[str]:
         lines.append(f"| `{g['producer']}` ({g['kind']}) | {', '.join(f'`{c}`' for c in g['consumers'])} | "
                      f"{g['channels'][0]}/{g['channels'][1]} | {alpha} | {g['error_before']:.3g} → {g['error_after']:.3g} |")
     lines += [""] + [f"- not smoothed: `{m['layer']}`: {m['reason']}" for m in record["not_folded"]]
+    if pictures:
+        lines += [""] + [f"![{name.removesuffix('.png')}]({name})" for name in pictures]
     return lines + [""]
 
 
@@ -90,7 +92,8 @@ def render_report(manifest: dict) -> str:
                   f"- activation values that differ (codes flipped by float rounding): "
                   f"{100 * verify['activation_values_differing']:.4g}%; running free, relative error "
                   f"{verify['free_running_rel_error']:.3g}", ""]
-    lines += _smoothquant_section(manifest.get("smoothquant"))
+    pictures = [name for name in manifest.get("artifact", {}) if name.endswith(".png")]
+    lines += _smoothquant_section(manifest.get("smoothquant"), pictures)
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
     for path, rec in manifest["layers"].items():

@@ -32,6 +32,7 @@ from qfx.runtime.numerics import (
     quantize,
     quantize_per_token,
     quantize_weight,
+    sqnr_db,
     sum_squares,
     weight_axis,
 )
@@ -46,7 +47,8 @@ S_MIN, S_MAX = 1e-5, 1e5
 
 class ChannelStats(torch.nn.Module):
     """Per-channel min and max of the activation flowing through, and an evenly spaced sample
-    of its rows (at most 2 * rows): what the α search runs the group's linears on."""
+    of its rows (between `rows` and 2 * rows once that many passed): what the α search runs the
+    group's linears on."""
 
     _is_impure = True  # torch.fx keeps it through dead-code elimination
 
@@ -69,8 +71,10 @@ class ChannelStats(torch.nn.Module):
                 self.kept, self.stride = [torch.cat(self.kept)[::2]], self.stride * 2
         return x
 
-    def rows(self) -> torch.Tensor:
-        return torch.cat(self.kept)
+    def rows(self, n: int) -> torch.Tensor:
+        """About n rows, evenly spaced over everything seen (between n and 2n were kept)."""
+        kept = torch.cat(self.kept)
+        return kept[::max(1, kept.shape[0] // n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,31 +132,41 @@ class SmoothQuant(Pass):
         inputs = [stats[c.args[0]] for c in group.consumers]
         weights = [get_tensor(gm, c.args[1].target).detach().double() for c in group.consumers]
         x_max, w_max = _channel_max(group, inputs, weights)
-        consumers = [_Consumer(c, stat, w) for c, stat, w in zip(group.consumers, inputs, weights)]
+        consumers = [_Consumer(c, stat, w, self.rows) for c, stat, w in zip(group.consumers, inputs, weights)]
         usable = group.foldable & (x_max > 0) & (w_max > 0)
 
         def scales(alpha: float) -> torch.Tensor:
             s = (x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)).clamp(S_MIN, S_MAX)
             return torch.where(usable, s, torch.ones((), dtype=torch.float64))
 
-        before = _group_error(group, consumers, torch.ones_like(x_max))
+        figures = {None: _group_figures(group, consumers, torch.ones_like(x_max))}
         candidates = ALPHA_COARSE if self.alpha == "auto" else (float(self.alpha),)
-        errors = {a: _group_error(group, consumers, scales(a)) for a in candidates}
+        figures.update({a: _group_figures(group, consumers, scales(a)) for a in candidates})
         if self.alpha == "auto":
-            best = min(errors, key=errors.get)
+            best = min(candidates, key=lambda a: _group_error(figures[a]))
             for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
                 if 0 < a < 1:
-                    errors[a] = _group_error(group, consumers, scales(a))
-        alpha = min(errors, key=errors.get)
-        if self.alpha == "auto" and errors[alpha] >= before:
+                    figures[a] = _group_figures(group, consumers, scales(a))
+        alpha = min((a for a in figures if a is not None), key=lambda a: _group_error(figures[a]))
+        if self.alpha == "auto" and _group_error(figures[alpha]) >= _group_error(figures[None]):
             alpha = None  # no α helps this group: leave it as it is
+        chosen = torch.ones_like(x_max) if alpha is None else scales(alpha)
         if alpha is not None:
-            apply_fold(gm, group, scales(alpha))
+            apply_fold(gm, group, chosen)
+        layers = {module_path(c.node, prefix): {
+            "error": [round(figures[a][i][0], 6) for a in (None, alpha)],
+            "weight_sqnr_db": [_round(figures[a][i][1]) for a in (None, alpha)]} for i, c in enumerate(consumers)}
         record = {"producer": _describe_producer(group.producer, prefix), "kind": group.producer.kind,
-                "consumers": [module_path(c, prefix) for c in group.consumers],
-                "channels": [int(group.foldable.sum()), group.producer.channels], "alpha": alpha,
-                "error_before": round(before, 6), "error_after": round(errors[alpha] if alpha is not None else before, 6)}
-        return record, None if alpha is None else scales(alpha)
+                  "consumers": list(layers), "channels": [int(group.foldable.sum()), group.producer.channels],
+                  "alpha": alpha, "error_before": round(_group_error(figures[None]), 6),
+                  "error_after": round(_group_error(figures[alpha]), 6), "layers": layers,
+                  # per producer channel, for the report's picture (not kept in the manifest)
+                  "channel_max": [x_max.tolist(), (x_max / chosen).tolist()]}
+        return record, None if alpha is None else chosen
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _cannot_edit(gm, group: FoldGroup) -> str | None:
@@ -227,28 +241,36 @@ def _channel_max(group: FoldGroup, inputs: list[ChannelStats], weights: list[tor
 class _Consumer:
     """A consumer's sampled input rows, weight, float output and formats, for the α search."""
 
-    def __init__(self, node, stat: ChannelStats, weight: torch.Tensor):
+    def __init__(self, node, stat: ChannelStats, weight: torch.Tensor, rows: int):
         quant = get_quant(node)
-        self.x, self.w = stat.rows(), weight.float()
+        self.node = node
+        self.x, self.w = stat.rows(rows), weight.float()
         self.lo, self.hi = stat.lo.double(), stat.hi.double()
         self.ref = self.x @ self.w.T
+        self.energy = sum_squares(self.ref)
         self.fmt_in = quant.fmt.input if quant else None
         self.fmt_w = quant.fmt.weight if quant else None
 
-    def error(self, t: torch.Tensor) -> tuple[float, float]:
-        """Squared error of the quantized output with column factors t, and the output's energy."""
+    def figures(self, t: torch.Tensor) -> tuple[float, float | None]:
+        """With column factors t: the quantized output's error relative to the float output,
+        and the weight's SQNR (None when the weight stays float)."""
+        w = self.w * t.float()
         xq = _fake_quant_input(self.x / t.float(), (self.lo / t).min(), (self.hi / t).max(), self.fmt_in)
-        wq = _fake_quant_weight(self.w * t.float(), self.fmt_w)
-        return sum_squares(xq @ wq.T - self.ref), sum_squares(self.ref)
+        wq = _fake_quant_weight(w, self.fmt_w)
+        error = sum_squares(xq @ wq.T - self.ref) / max(self.energy, 1e-30)
+        return error, (sqnr_db(w, wq) if self.fmt_w is not None else None)
 
 
-def _group_error(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> float:
+def _group_figures(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> list[tuple]:
+    return [c.figures(t) for c, t in zip(consumers, column_scales(group, s))]
+
+
+def _group_error(figures: list[tuple]) -> float:
     """The mean over consumers of each one's quantized output error relative to its float output.
 
     Each consumer counts alike: weighting by output energy would let q and k outvote v in an
     attention group, while v's error is the one that reaches the next layer unattenuated."""
-    parts = [c.error(t) for c, t in zip(consumers, column_scales(group, s))]
-    return sum(noise / max(energy, 1e-30) for noise, energy in parts) / len(parts)
+    return sum(error for error, _ in figures) / len(figures)
 
 
 def _fake_quant_input(x, lo, hi, fmt: TensorFormat | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from conftest import needs_shared
 import qfx
 from qfx.capture import export, wrap_module
 from qfx.errors import SpecError, UserError
+from qfx.examples import small_llama
 from qfx.passes.dataflow import find_fold_groups
 from qfx.passes.fold import apply_fold, shared_tensors
 from qfx.passes.meta import module_path
@@ -176,6 +177,13 @@ def test_smoothquant_records_every_fold_and_keeps_the_build_accurate(tmp_path):
         ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"),
         ("model.layers.1.mlp.down_proj",)}
     assert all(g["error_after"] <= g["error_before"] for g in groups)
+    layer = groups[0]["layers"]["model.layers.0.self_attn.v_proj"]  # per layer: without, with the fold
+    assert len(layer["error"]) == len(layer["weight_sqnr_db"]) == 2 and layer["error"][1] < layer["error"][0]
+    report = (tmp_path / "a" / "report.md").read_text()
+    for picture in ("folds_layers.png", "folds_channels.png"):
+        assert (tmp_path / "a" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert picture in manifest["artifact"] and f"]({picture})" in report  # hashed, and shown
+    assert "## SmoothQuant folds" in report
     assert manifest["pipeline"] == "annotate,observe,smoothquant,convert,freeze"
     # SQNR is measured against the folded float weights, so it stays a weight-quantization figure
     assert all(layer["weight_sqnr_db"] > 35 for layer in manifest["layers"].values())
@@ -183,7 +191,7 @@ def test_smoothquant_records_every_fold_and_keeps_the_build_accurate(tmp_path):
 
 
 def _outlier_llama():
-    model = qfx.examples.small_llama()
+    model = small_llama()
     scale = torch.ones(128)
     scale[torch.randperm(128, generator=torch.Generator().manual_seed(3))[:4]] = 50.0
     with torch.no_grad():
@@ -194,8 +202,6 @@ def _outlier_llama():
 
 
 def test_smoothquant_tames_outlier_channels():
-    import qfx.examples  # noqa: F401
-
     model = _outlier_llama()
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
