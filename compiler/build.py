@@ -67,6 +67,17 @@ def _example(data: CalibrationSet) -> tuple:
     return first if first[0].shape[0] == 2 else tuple(torch.cat([t, t]) for t in first)
 
 
+# Analyses that need concrete shapes (fold groups) run the graph once on this many tokens of
+# one sample: their cost grows with the tensors' size, and any length shows the same dataflow.
+ANALYSIS_TOKENS = 16
+
+
+def _analysis_example(example: tuple, kind: str) -> tuple:
+    if kind == "module":  # a plain module's dimensions may be fixed by its export
+        return example
+    return tuple(t[:1, :ANALYSIS_TOKENS] for t in example)
+
+
 def _output_check(reference: torch.Tensor, quantized: torch.Tensor, kind: str, samples: int) -> dict:
     figures = compare_outputs(reference, quantized, top1=kind == "causal_lm")
     inputs = "the first calibration sample" if samples == 1 else f"the first {samples} calibration samples"
@@ -147,7 +158,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             raise UserError("algorithms: smoothquant moves activation outliers into the weights, but the spec "
                             "quantizes no activations", hint="quantize the layers' inputs (e.g. preset "
                             "w8a8-int8), or remove smoothquant for weight-only quantization")
-        ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=calibrate, example=example)
+        ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=calibrate,
+                          example=_analysis_example(example, bundle.kind))
         with _timed(seconds, "passes"):
             gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
         release_memory()
