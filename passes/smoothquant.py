@@ -10,7 +10,7 @@ the calibration data (the layer's own formats); a group no α improves stays as 
 It runs after `observe` and is the calibration: one pass over the data feeds the observers
 and per-channel statistics of every group input. A min-max observer's range after the fold
 follows exactly from those statistics (min_j lo_j / s_j, max_j hi_j / s_j); observers whose
-range does not (percentile, moving average) are reset and see the data a second time.
+range does not (percentile, moving average) make every observer see the data a second time.
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ class SmoothQuant(Pass):
             if scales is not None:
                 stale += _rescale_observers(gm, group, scales, stats)
         gm.recompile()
-        if stale:  # observers whose range no statistic gives: they see the smoothed data
-            for observer in stale:
+        if stale:  # some range follows from no statistic: every observer sees the smoothed data once
+            for observer in observers:
                 observer.reset()
             ctx.run_data(gm)
         not_folded = _not_folded(gm, chosen, refused + skipped, ctx.root_prefix)
