@@ -251,13 +251,14 @@ class _Propagation:
 def _param(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         return None
-    value = _attr(gm, node.target)
+    value = get_tensor(gm, node.target)
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _attr(gm: torch.nn.Module, target: str):
+def get_tensor(gm: torch.nn.Module, target: str):
+    """What a get_attr node with this target reads."""
     owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def producers(gm: torch.fx.GraphModule) -> list[Producer]:

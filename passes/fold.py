@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, Producer, aten
-
-
-def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, Producer, aten, get_tensor
 
 
 def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

@@ -20,8 +20,8 @@ import torch
 
 from qfx.passes.annotate import LINEAR, linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
-from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fold_groups
-from qfx.passes.fold import apply_fold, column_scales, get_tensor, shared_tensors
+from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fold_groups, get_tensor
+from qfx.passes.fold import apply_fold, column_scales, shared_tensors
 from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.observe import observer_name
 from qfx.runtime.errors import PassFailure
