@@ -20,10 +20,11 @@ from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_modu
 from qfx.errors import ModelLoadError, OutputError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.memory import release_memory
-from qfx.passes import DEFAULT_PIPELINE, PassContext, format_pipeline, parse_pipeline
+from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
-from qfx.passes.registry import check_pipeline
+from qfx.passes.registry import CALIBRATE, check_pipeline
+from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
@@ -178,6 +179,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
+                if (rotation := ctx.stats.get(Rotation.name)) is not None:
+                    header["rotation"] = {k: v for k, v in rotation.items() if k not in ("modified", "seconds")}
                 folds = ctx.stats.get(SmoothQuant.name)
                 if folds is not None:  # the per-channel maxima go to the pictures only
                     header["smoothquant"] = {"groups": [{k: v for k, v in g.items() if k != "channel_max"}
@@ -198,13 +201,17 @@ def _pipeline(cfg, explicit: str | None) -> list:
     """The spec's pipeline: its algorithms after observe, where they calibrate (smoothquant runs
     the data itself). An explicit pipeline replaces it, but must run every algorithm the spec asks for."""
     wanted = [_algorithm_pass(a) for a in cfg.algorithms]
-    text = explicit or (f"annotate,observe,{format_pipeline(wanted)},convert,freeze" if wanted else DEFAULT_PIPELINE)
+    before = [p for p in wanted if "observed" not in p.requires]  # data-free: before the observers
+    after = [p for p in wanted if "observed" in p.requires] or [CALIBRATE]
+    text = explicit or ",".join(["annotate", *map(format_pipeline, ([before] if before else [])), "observe",
+                                 format_pipeline(after), "convert", "freeze"])
     items = parse_pipeline(text)
     check_pipeline(items)
     names = {getattr(i, "name", i) for i in items}
     if missing := [p.name for p in wanted if p.name not in names]:
         raise UserError(f"the spec's algorithms ask for {', '.join(missing)}, which pipeline {text!r} does not run",
-                        hint=f"add {format_pipeline(wanted)} after observe, or leave out --pipeline")
+                        hint=f"add {format_pipeline(wanted)} (rotation before observe, smoothquant after it), "
+                             "or leave out --pipeline")
     return items
 
 
@@ -212,6 +219,8 @@ def _algorithm_pass(algorithm):
     options = getattr(algorithm, algorithm.name)
     if algorithm.name == SmoothQuant.name:
         return SmoothQuant(alpha=str(options.alpha))
+    if algorithm.name == Rotation.name:
+        return Rotation(kind=options.kind, seed=options.seed, heads=options.heads)
     raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
 

@@ -267,9 +267,21 @@ class SmoothQuantOptions(_Model):
         return value
 
 
+class RotationOptions(_Model):
+    kind: Literal["hadamard", "random"] = Field(
+        default="hadamard", description="hadamard: a Hadamard matrix with random signs (orders 2^k·m, m = 1 or a "
+                                        "Paley order such as 12, 20, 28); random: a random orthogonal matrix")
+    seed: int = Field(default=0, ge=0, description="seed of the random signs or matrix")
+    heads: bool = Field(default=True, description="also rotate each attention head between the value and "
+                                                  "output projections (R2)")
+
+
 class Algorithm(_Model):
     """One entry of `algorithms`: a mapping with a single key naming the algorithm."""
 
+    rotation: RotationOptions | None = Field(
+        default=None, description="rotate the residual stream (and attention heads) by an orthogonal matrix, "
+                                  "folded exactly into the weights")
     smoothquant: SmoothQuantOptions | None = Field(
         default=None, description="SmoothQuant, folded exactly into the producers the graph's dataflow proves")
 
@@ -314,6 +326,9 @@ class Spec(_Model):
         names = [a.name for a in algorithms]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"{', '.join(twice)} is listed more than once")
+        if "rotation" in names and "smoothquant" in names and names.index("smoothquant") < names.index("rotation"):
+            raise ValueError("rotation must come before smoothquant: rotating fuses the norm weights, and the "
+                             "smoothing folded into them, into the linears, where the rotation spreads it away")
         return algorithms
 
 

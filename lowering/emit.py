@@ -69,6 +69,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         files += write_fold_plots(folder, folds["groups"])
     if hf_config is not None:
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
+        if config.get("tie_word_embeddings") and not aliases:  # a fold untied the head from the embedding
+            config["tie_word_embeddings"] = False
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append("config.json")
     if model_dir is not None:

@@ -48,6 +48,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     produces: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()  # facts that stop holding once it has run
+    conflicts: ClassVar[frozenset[str]] = frozenset()  # facts under which it must not run
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -73,6 +73,11 @@ class FoldGroup:
     consumers: tuple[torch.fx.Node, ...]
     maps: tuple[torch.Tensor, ...]
     foldable: torch.Tensor
+    # Channels whose way to the consumers only moves them, sums them over tokens (attention)
+    # or scales them by factors that do not vary from channel to channel: a rotation within
+    # blocks of `block` channels (the attention's head size; None without attention) folds too.
+    rotatable: torch.Tensor | None = None
+    block: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +125,8 @@ class _Propagation:
         self.index: dict[torch.fx.Node, torch.Tensor] = {}
         self.sinks: list[tuple[torch.fx.Node, torch.Tensor]] = []
         self.first_bad: str | None = None
+        self.varied = torch.zeros(channels + 1, dtype=torch.bool)  # scaled channel by channel
+        self.blocks: set[int] = set()  # head sizes of the attentions the channels went through
 
     def mark(self, idx: torch.Tensor, node: torch.fx.Node) -> None:
         chans = idx[idx >= 0]
@@ -203,6 +210,7 @@ class _Propagation:
         channel when every row holds the same one."""
         same = (idx == idx[..., :1, :]).all(dim=-2, keepdim=True)
         self.mark(idx[~same.expand_as(idx)], node)
+        self.blocks.add(int(idx.shape[-1]))
         row = torch.where(same, idx[..., :1, :], -1)
         try:
             return row.expand(out_shape).clone()
@@ -245,7 +253,20 @@ class _Propagation:
             self.mark(ia[both], node)
             self.mark(ib[both], node)
             return torch.where(ia >= 0, ia, ib).clone()
-        return (ia if ia is not None else ib).expand(out_shape).clone()
+        idx = (ia if ia is not None else ib).expand(out_shape).clone()
+        self._mark_varied(idx, b if ia is not None else a)
+        return idx
+
+    def _mark_varied(self, idx: torch.Tensor, factor) -> None:
+        """Mark the channels of `idx` when the independent `factor` may differ between two of
+        them at one position: it has more than one element along a dimension the channels vary on."""
+        shape = _shape(self.values.get(factor)) if isinstance(factor, torch.fx.Node) else ()
+        shape = (1,) * (idx.ndim - len(shape or ())) + tuple(shape or ())
+        for dim, size in enumerate(shape):
+            if size > 1 and bool((idx != idx.narrow(dim, 0, 1)).any()):
+                chans = idx[idx >= 0]
+                self.varied[chans] = True
+                return
 
 
 def _param(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
@@ -326,7 +347,9 @@ def find_fold_groups(gm: torch.fx.GraphModule, example: tuple, values: dict | No
             good[m[m >= 0]] = True
         good &= ~flow.bad[:-1]
         if bool(good.any()):
-            groups.append(FoldGroup(prod, tuple(consumers), tuple(torch.where(flow.bad[m], -1, m) for m in maps), good))
+            block = next(iter(flow.blocks)) if len(flow.blocks) == 1 else None
+            groups.append(FoldGroup(prod, tuple(consumers), tuple(torch.where(flow.bad[m], -1, m) for m in maps), good,
+                                    good & ~flow.varied[:-1], block))
         else:
             refused.append(Unfoldable(prod, tuple(consumers),
                                       f"its channels also reach {flow.first_bad or 'other nodes'}"))

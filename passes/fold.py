@@ -10,6 +10,7 @@ import torch
 import torch.fx
 
 from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, Producer, aten, get_tensor
+from qfx.passes.meta import module_path
 
 
 def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -50,6 +51,46 @@ def apply_fold(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> N
         target = consumer.args[1].target
         w = get_tensor(gm, target)
         set_tensor(gm, target, w.double() * t)
+
+
+def fuse_vector(gm: torch.fx.GraphModule, group: FoldGroup) -> None:
+    """Move a norm's weight vector into the linears that read the norm: their columns take its
+    values and the vector becomes all ones (exact also where a weight is 0, unlike a fold by it)."""
+    v = _vector_value(gm, group.producer)
+    for consumer, t in zip(group.consumers, column_scales(group, v)):
+        target = consumer.args[1].target
+        set_tensor(gm, target, get_tensor(gm, target).double() * t)
+    set_tensor(gm, group.producer.params[0], _vector_inverse(group.producer.chain, torch.ones_like(v)))
+
+
+def untie(gm: torch.fx.GraphModule, node: torch.fx.Node, root_prefix: str) -> list[str]:
+    """Give each reader of a tensor that several ops read (a head tied to the embedding) its
+    own get_attr, under the name the tensor has in that reader's module, so that a fold can
+    edit one without the other. Returns the targets now read separately.
+
+    The tensors stay one object until a fold replaces one (set_tensor), and the artifact
+    stores identical tensors once, so untying costs nothing where no fold needs it."""
+    tensor = get_tensor(gm, node.target)
+    names = {name for name, t in [*gm.named_parameters(remove_duplicate=False),
+                                  *gm.named_buffers(remove_duplicate=False)] if t is tensor}
+    readers = [u for u in node.users if u.target not in IGNORED_OPS]
+    targets = []
+    for user in readers:
+        owner = module_path(user) or ""
+        target = next((n for n in sorted(names) if n.rpartition(".")[0] == owner), None)
+        if target is None:
+            raise ValueError(f"{node.target} is read by {user.name} in {owner.removeprefix(root_prefix) or 'the model'}, "
+                             "whose module has no name for it: the tensor cannot be untied")
+        targets.append(target)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{node.target} is read twice within one module: the tensor cannot be untied")
+    for user, target in zip(readers, targets):
+        if target != node.target:
+            with gm.graph.inserting_before(node):
+                own = gm.graph.get_attr(target)
+            own.meta.update(node.meta)
+            user.replace_input_with(node, own)
+    return targets
 
 
 def _divide_producer(gm, prod: Producer, s: torch.Tensor) -> None:

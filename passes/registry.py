@@ -14,10 +14,11 @@ from qfx.passes.base import Pass
 from qfx.passes.convert import Convert
 from qfx.passes.freeze import Freeze
 from qfx.passes.observe import Observe
+from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.runtime.errors import UserError
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, SmoothQuant, Observe, Convert, Freeze)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Rotation, SmoothQuant, Observe, Convert, Freeze)}
 CALIBRATE = "calibrate"
 DEFAULT_PIPELINE = "annotate,observe,calibrate,convert,freeze"
 
@@ -86,6 +87,9 @@ def facts_after(item: Pass | str, facts: frozenset[str]) -> frozenset[str]:
             raise PipelineSyntaxError("calibrate twice would feed every batch twice to the same observers",
                                       hint="put 'observe' again before a second 'calibrate'")
         return facts | {"calibrated"}
+    if clash := item.conflicts & facts:
+        raise PipelineSyntaxError(f"pass {item.name} cannot run after a pass that made the graph "
+                                  f"{', '.join(sorted(clash))}", hint=f"put {item.name} earlier")
     missing = item.requires - facts
     if missing:
         raise PipelineSyntaxError(f"pass {item.name} needs {', '.join(sorted(missing))} first",

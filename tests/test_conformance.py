@@ -32,7 +32,9 @@ def quark_logits(artifact, ids, tmp_path):
 
 
 SCHEMES = {
-    "w8a8-int8-static": {"target": "cpu", "quantization": {"preset": "w8a8-int8", "exclude": ["lm_head"]}},
+    # with folds: rotated (the tied head untied) and smoothed weights are ordinary weights
+    "w8a8-int8-static-folded": {"target": "cpu", "quantization": {"preset": "w8a8-int8", "exclude": ["lm_head"]},
+                                "algorithms": [{"rotation": {}}, {"smoothquant": {"alpha": "auto"}}]},
     "fp8-gfx950": {"target": "gfx950", "quantization": {"preset": "w8a8-fp8", "exclude": ["lm_head"]}},
     "fp8-kv-gfx942": {"target": "gfx942", "quantization": {
         "preset": "w8a8-fp8", "exclude": ["lm_head"],

@@ -8,41 +8,13 @@ import json
 import pytest
 import torch
 from conftest import needs_shared
+from families import captured, family_model, outlier_llama
 
 import qfx
-from qfx.capture import export, wrap_module
 from qfx.errors import SpecError, UserError
-from qfx.examples import small_llama
 from qfx.passes.dataflow import find_fold_groups
 from qfx.passes.fold import apply_fold, shared_tensors
 from qfx.passes.meta import module_path
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             vocab_size=256, max_position_embeddings=128)
-
-
-def _family(name: str):
-    import transformers as T
-
-    torch.manual_seed(0)
-    if name == "llama":  # GQA, tied embeddings
-        return T.LlamaForCausalLM(T.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True))
-    if name == "qwen2":  # q/k/v bias
-        return T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL, num_key_value_heads=2))
-    if name == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(**SMALL, num_key_value_heads=2))
-    if name == "phi3":  # fused qkv_proj and gate_up_proj
-        return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                                              bos_token_id=1))
-    if name == "gemma":  # (1 + weight) norms, scaled embedding, multi-query attention
-        return T.GemmaForCausalLM(T.GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=16))
-    if name == "opt":  # LayerNorm with bias, pre-LN
-        return T.OPTForCausalLM(T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                            vocab_size=256, max_position_embeddings=128, word_embed_proj_dim=64))
-    if name == "bert":  # post-LN: the LayerNorms also feed the residual
-        return T.BertModel(T.BertConfig(**SMALL))
-    raise KeyError(name)
-
 
 # family -> (groups, linears each group feeds, refused producers): two layers each.
 EXPECTED = {
@@ -82,18 +54,6 @@ STRUCTURE = {"llama": _gqa_head_repetition, "phi3": _only_value_rows_of_fused_qk
              "bert": _layer_norms_refused_for_their_residual_add}
 
 
-def _captured(model, dtype):
-    model = model.to(dtype).eval()
-    with torch.no_grad():  # norm weights away from 1, so that dividing them is visible
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.3)
-    bundle = wrap_module(model)
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    example = (ids,) if bundle.kind == "causal_lm" else (ids, torch.ones_like(ids))
-    return bundle, export(bundle, example), example
-
-
 def _fold_everything(gm, example, seed=1):
     """Fold random factors e^N(0,1) into every group; returns (groups, refused, folded)."""
     groups, refused = find_fold_groups(gm, example)
@@ -112,7 +72,7 @@ def _fold_everything(gm, example, seed=1):
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
 @pytest.mark.parametrize("family", list(EXPECTED))
 def test_folds_found_from_dataflow_leave_the_float_model_unchanged(family, dtype, bound):
-    bundle, gm, example = _captured(_family(family), dtype)
+    bundle, gm, example = captured(family_model(family), dtype)
     with torch.no_grad():
         reference = bundle.module(*example)
         groups, refused, folded = _fold_everything(gm, example)
@@ -134,7 +94,7 @@ def test_folds_on_the_tinystories_llama_are_exact():
     from conftest import TINYSTORIES
     from transformers import AutoModelForCausalLM
 
-    bundle, gm, example = _captured(AutoModelForCausalLM.from_pretrained(TINYSTORIES), torch.float32)
+    bundle, gm, example = captured(AutoModelForCausalLM.from_pretrained(TINYSTORIES), torch.float32)
     with torch.no_grad():
         reference = bundle.module(*example)
         groups, _, folded = _fold_everything(gm, example)
@@ -194,19 +154,8 @@ def test_smoothquant_records_every_fold_and_keeps_the_build_accurate(tmp_path):
     assert result.stats["check"]["rel_error"] <= plain.stats["check"]["rel_error"] * 1.05
 
 
-def _outlier_llama():
-    model = small_llama()
-    scale = torch.ones(128)
-    scale[torch.randperm(128, generator=torch.Generator().manual_seed(3))[:4]] = 50.0
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.mul_(scale)
-            layer.post_attention_layernorm.weight.mul_(scale)
-    return model
-
-
 def test_smoothquant_tames_outlier_channels():
-    model = _outlier_llama()
+    model = outlier_llama()
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = model(input_ids=ids, use_cache=False).logits
@@ -226,6 +175,8 @@ def test_smoothquant_tames_outlier_channels():
     ([{"rotate": {}}], "unknown field 'rotate'"),
     ([{"smoothquant": {"beta": 1}}], "unknown field 'beta'"),
     (["smoothquant", "smoothquant"], "smoothquant is listed more than once"),
+    (["smoothquant", "rotation"], "rotation must come before smoothquant"),
+    ([{"rotation": {"kind": "givens"}}], "'hadamard' or 'random'"),
 ])
 def test_bad_algorithms_are_named_with_their_spec_line(tmp_path, algorithms, message):
     import yaml

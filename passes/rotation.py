@@ -1,0 +1,191 @@
+"""rotation: rotate the residual stream and the attention heads by orthogonal matrices, folded
+exactly into the weights (QuaRot / SpinQuant's offline rotations R1 and R2).
+
+An orthogonal Q spreads each outlier channel over all channels, so the activations a
+quantizer sees lose their outliers while the float model computes the same function:
+
+- R1, the residual stream (passes/residual.py finds it): every norm's weight vector is first
+  fused into the linears that read the norm (it must be ones for the norm to commute with Q);
+  then embeddings take E·Q, the linears writing into the stream Qᵀ·W (and bias), the linears
+  reading it W·Q;
+- R2, each attention head between the value projection and the output projection: a fold
+  group whose channels pass only through attention (passes/dataflow.py) takes Rᵀ on each head's
+  rows of the producer and R on the consumer's matching columns, R of the head's size.
+
+The rotation runs before observe: it needs no data, and every range is then taken on the
+rotated model. A tied head is untied first (config.json then says tie_word_embeddings: false).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.dataflow import FoldGroup, concrete_values, find_fold_groups, get_tensor, producers
+from qfx.passes.fold import fuse_vector, set_tensor, shared_tensors, untie
+from qfx.passes.meta import module_path
+from qfx.passes.residual import StreamError, find_stream
+from qfx.runtime.errors import UserError
+from qfx.runtime.hadamard import KINDS, NoHadamardError, orthogonal
+
+_EMBEDDING = torch.ops.aten.embedding.default
+
+
+class RotationError(UserError):
+    """The model (or a part the spec asks to rotate) cannot be rotated exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation(Pass):
+    name = "rotation"
+    produces = frozenset({"rotated"})
+    # Observers calibrated before would hold ranges of the unrotated model; smoothing folded
+    # before would be undone (its factors would be fused into the linears and rotated away).
+    invalidates = frozenset({"calibrated"})
+    conflicts = frozenset({"smoothed", "qdq"})
+    kind: str = "hadamard"  # hadamard (random signs) or random (uniformly random orthogonal)
+    seed: int = 0
+    heads: bool = True  # R2: also rotate each attention head between value and output projections
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        if ctx.example is None:
+            raise RuntimeError("rotation needs an example input in the pass context")
+        untied = _untie_embeddings(gm, ctx.root_prefix)
+        values = concrete_values(gm, ctx.example)
+        vectors = {p.node for p in producers(gm) if p.kind == "vector"}
+        try:
+            stream = find_stream(gm, values, vectors)
+        except StreamError as exc:
+            raise RotationError(f"the residual stream cannot be rotated: {exc.describe(ctx.root_prefix)}",
+                                hint="rotation handles RMSNorm decoders; remove it from algorithms for this "
+                                     "model") from None
+        groups, _ = find_fold_groups(gm, ctx.example, values)
+        fused = [_fuse_norm(gm, groups, node, ctx.root_prefix) for node in stream.norm_weights]
+        q = self._matrix(stream.hidden, 0, "the hidden size")
+        _rotate_stream(gm, stream, q)
+        heads = []
+        if self.heads:
+            for group in groups:
+                if (block := _head_blocks(gm, group)) is not None:
+                    r = self._matrix(block, 1, f"the head size of {_path(group.producer.node, ctx.root_prefix)}")
+                    _rotate_heads(gm, group, block, r)
+                    heads.append({"producer": _path(group.producer.node, ctx.root_prefix),
+                                  "consumers": [_path(c, ctx.root_prefix) for c in group.consumers], "block": block})
+        gm.recompile()
+        record = {"kind": self.kind, "seed": self.seed, "hidden": stream.hidden,
+                  "embeddings": [str(n.args[0].target).removeprefix(ctx.root_prefix) for n in stream.embeddings],
+                  "writers": [_path(n, ctx.root_prefix) for n in stream.writers],
+                  "readers": [_path(n, ctx.root_prefix) for n in stream.readers],
+                  "norms_fused": fused, "untied": untied, "heads": heads}
+        return PassResult(gm, modified=True, stats=record)
+
+    def _matrix(self, n: int, offset: int, what: str) -> torch.Tensor:
+        try:
+            return orthogonal(n, self.kind, self.seed + offset)
+        except NoHadamardError as exc:
+            raise RotationError(f"{what} is {n}: {exc}", hint="use rotation kind: random, which has every size") from None
+
+
+def _path(node: torch.fx.Node, prefix: str) -> str:
+    return module_path(node, prefix) or node.name
+
+
+def _untie_embeddings(gm: torch.fx.GraphModule, prefix: str) -> list[str]:
+    """Untie every embedding table that other ops also read (the tied head)."""
+    untied = []
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and any(u.target is _EMBEDDING for u in node.users) and len(node.users) > 1:
+            try:
+                untied += [t.removeprefix(prefix) for t in untie(gm, node, prefix)]
+            except ValueError as exc:
+                raise RotationError(str(exc)) from None
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return untied
+
+
+def _fuse_norm(gm, groups: list[FoldGroup], vector: torch.fx.Node, prefix: str) -> str:
+    (group,) = [g for g in groups if g.producer.node is vector] or [None]
+    name = group.producer.params[0].removeprefix(prefix) if group else vector.name
+    if group is None or not bool(group.foldable.all()):
+        raise RotationError(f"the norm weight {name} cannot be fused into the linears that read it: its "
+                            "output also reaches other ops")
+    if shared := shared_tensors(gm, group):
+        raise RotationError(f"fusing the norm weight {name} would edit {', '.join(shared)}, which other ops "
+                            "also read")
+    fuse_vector(gm, group)
+    return name
+
+
+def _edit(gm, node: torch.fx.Node, index: int, fn) -> None:
+    target = node.args[index].target
+    set_tensor(gm, target, fn(get_tensor(gm, target).double()))
+
+
+def _rotate_stream(gm, stream, q: torch.Tensor) -> None:
+    edited = [n.args[0] for n in stream.embeddings] + [n.args[1] for n in (*stream.writers, *stream.readers)]
+    for attr in dict.fromkeys(edited):
+        if len(attr.users) != 1 and sum(1 for e in edited if e is attr) != len(attr.users):
+            raise RotationError(f"{attr.target} is read by ops outside the residual stream (tied weights)")
+    for node in stream.embeddings:
+        _edit(gm, node, 0, lambda e: e @ q)
+    for node in stream.writers:
+        _edit(gm, node, 1, lambda w: q.T @ w)
+        if len(node.args) > 2 and node.args[2] is not None:
+            _edit(gm, node, 2, lambda b: b @ q)
+    for node in stream.readers:
+        _edit(gm, node, 1, lambda w: w @ q)
+
+
+def _head_blocks(gm, group: FoldGroup) -> int | None:
+    """The head size when every producer channel that reaches a consumer passes only through
+    attention and each consumer reads whole, aligned heads of it in order; else None."""
+    d = group.block
+    if group.producer.kind != "linear" or d is None or group.rotatable is None or shared_tensors(gm, group):
+        return None
+    used = torch.zeros(group.producer.channels, dtype=torch.bool)
+    for m in group.maps:
+        if m.numel() % d:
+            return None
+        for seg in m.reshape(-1, d):
+            if bool((seg < 0).all()):
+                continue
+            if int(seg[0]) % d or not torch.equal(seg, seg[0] + torch.arange(d)):
+                return None
+            used[seg] = True
+    blocks = used.reshape(-1, d) if group.producer.channels % d == 0 else None
+    if blocks is None or not bool(blocks.all(dim=1).eq(blocks.any(dim=1)).all()):
+        return None  # a head partly used
+    return d if bool(used.any()) and bool(group.rotatable[used].all()) else None
+
+
+def _rotate_heads(gm, group: FoldGroup, d: int, r: torch.Tensor) -> None:
+    used = torch.zeros(group.producer.channels, dtype=torch.bool)
+    for m in group.maps:
+        used[m[m >= 0]] = True
+    heads = used.reshape(-1, d).any(dim=1)
+
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        w = w.clone()
+        for h in torch.nonzero(heads).flatten().tolist():
+            w[h * d:(h + 1) * d] = r.T @ w[h * d:(h + 1) * d]
+        return w
+
+    _edit(gm, group.producer.node, 1, rows)
+    if len(group.producer.params) > 1:
+        _edit(gm, group.producer.node, 2, rows)
+    for consumer, m in zip(group.consumers, group.maps):
+        def columns(w: torch.Tensor, m=m) -> torch.Tensor:
+            w = w.clone()
+            for start in range(0, m.numel(), d):
+                if int(m[start]) >= 0:
+                    w[:, start:start + d] = w[:, start:start + d] @ r
+            return w
+
+        _edit(gm, consumer, 1, columns)
