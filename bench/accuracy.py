@@ -29,8 +29,9 @@ DYNAMIC = {"preset": "w8a8-int8-dynamic", "exclude": ["lm_head"]}
 PERCENTILE = {"preset": "w8a8-int8", "exclude": ["lm_head"], "default": {"input": {"observer": "percentile"}}}
 SQ_AUTO = [{"smoothquant": {"alpha": "auto"}}]
 SQ_HALF = [{"smoothquant": {"alpha": 0.5}}]
-ROT = [{"rotation": {"kind": "hadamard"}}]
-ROT_SQ = ROT + SQ_AUTO
+ROT = [{"rotation": {"kind": "hadamard"}}]  # R1 + R2, folded
+R4 = [{"rotation": {"kind": "hadamard", "online_down_proj": True}}]  # and an online Hadamard (R4)
+R4_SQ = R4 + SQ_AUTO
 # (model, name, quantization, algorithms, target): targets from the folding issue
 CASES = [
     ("outlier", "static minmax", STATIC, [], None),
@@ -39,17 +40,18 @@ CASES = [
     ("outlier", "static + smoothquant auto", STATIC, SQ_AUTO, 0.38),
     ("outlier", "per-token dynamic", DYNAMIC, [], None),
     ("outlier", "per-token dynamic + smoothquant auto", DYNAMIC, SQ_AUTO, None),
-    ("outlier", "static + rotation", STATIC, ROT, 0.33),
-    ("outlier", "static percentile + rotation", PERCENTILE, ROT, 0.33),
-    ("outlier", "static + rotation + smoothquant auto", STATIC, ROT_SQ, 0.33),
-    ("outlier", "per-token dynamic + rotation", DYNAMIC, ROT, 0.25),
+    ("outlier", "static + rotation R1 R2", STATIC, ROT, None),
+    ("outlier", "static + rotation R1 R2 R4", STATIC, R4, 0.33),
+    ("outlier", "static percentile + rotation R1 R2 R4", PERCENTILE, R4, 0.33),
+    ("outlier", "static + rotation R1 R2 R4 + smoothquant auto", STATIC, R4_SQ, 0.33),
+    ("outlier", "per-token dynamic + rotation R1 R2 R4", DYNAMIC, R4, 0.25),
     ("plain", "static minmax", STATIC, [], None),
     ("plain", "static + smoothquant auto", STATIC, SQ_AUTO, None),
-    ("plain", "static + rotation", STATIC, ROT, None),
-    ("plain", "static percentile + rotation", PERCENTILE, ROT, 0.065),
+    ("plain", "static + rotation R1 R2 R4", STATIC, R4, None),
+    ("plain", "static percentile + rotation R1 R2 R4", PERCENTILE, R4, 0.065),
 ]
 TIME_TARGET = 2.0  # a build with folds / the plain build
-TIMED = ("static + smoothquant auto", "static + rotation + smoothquant auto")
+TIMED = ("static + smoothquant auto", "static + rotation R1 R2 R4 + smoothquant auto")
 
 
 def make_model(outliers: bool):

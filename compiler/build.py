@@ -24,7 +24,7 @@ from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import CALIBRATE, check_pipeline
-from qfx.passes.rotation import Rotation
+from qfx.passes.rotation import Rotation, online_rotated_layers
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
@@ -220,7 +220,8 @@ def _algorithm_pass(algorithm):
     if algorithm.name == SmoothQuant.name:
         return SmoothQuant(alpha=str(options.alpha))
     if algorithm.name == Rotation.name:
-        return Rotation(kind=options.kind, seed=options.seed, heads=options.heads)
+        return Rotation(kind=options.kind, seed=options.seed, heads=options.heads,
+                        online_down_proj=options.online_down_proj)
     raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
 
@@ -317,7 +318,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx, folds=folds)
+            onnx=onnx, folds=folds, online=online_rotated_layers(gm, bundle.root_prefix))
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None
             # check_hashes=False: the build wrote these files and their hashes a moment ago

@@ -274,6 +274,9 @@ class RotationOptions(_Model):
     seed: int = Field(default=0, ge=0, description="seed of the random signs or matrix")
     heads: bool = Field(default=True, description="also rotate each attention head between the value and "
                                                   "output projections (R2)")
+    online_down_proj: bool = Field(default=False, description="an online Hadamard transform (qfx::hadamard) before "
+                                   "the MLP's down projection (R4): the artifact then needs a runtime that runs "
+                                   "it (qfx.runtime, ONNX); Quark-format loaders such as vLLM's do not")
 
 
 class Algorithm(_Model):

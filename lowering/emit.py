@@ -15,6 +15,7 @@ from qfx.lowering.safetensors_writer import write_safetensors
 from qfx.runtime.artifact_files import MODEL_FILE
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file
+from qfx.runtime.quant_linear import HADAMARD_TRANSFORM, ONLINE_CONFIG_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
@@ -52,11 +53,12 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
-                  folds: dict | None = None) -> dict:
+                  folds: dict | None = None, online: list[str] = ()) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
-    records, pictured in PNGs that report.md shows."""
+    records, pictured in PNGs that report.md shows; `online` the layers whose input goes through
+    an online Hadamard (rotation.online_rotated_layers)."""
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
     if onnx is not None:
@@ -71,6 +73,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
         if config.get("tie_word_embeddings") and not aliases:  # a fold untied the head from the embedding
             config["tie_word_embeddings"] = False
+        if online:  # for a reader to tell that these layers need the transform (vLLM's Quark loader does not)
+            config[ONLINE_CONFIG_KEY] = {"hadamard": online}
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append("config.json")
     if model_dir is not None:
@@ -81,6 +85,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     manifest = dict(header)
     manifest["layers"] = {path: layer_record(quant, layer_buffers(gm, root_prefix, path), fp_weight(path))
                           for path, quant in plan.items()}
+    for path in online:
+        manifest["layers"][path]["input_transform"] = HADAMARD_TRANSFORM
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
     manifest["unused_layers"] = layers_off_output_path(gm, plan, root_prefix)
     manifest["tied"] = aliases

@@ -3,8 +3,9 @@
 The graph goes through `onnx_ready` (weights as [in, out] for MatMul, uint8 codes on the cpu
 target), then torch.onnx's exporter, with the `qfx::` ops translated here one to one:
 qfx::quantize -> QuantizeLinear, qfx::dequantize -> DequantizeLinear (axis, block_size),
-qfx::quantize_per_token -> ReduceMax/Div/Round/Clip/Cast, the same arithmetic in the same order
-as `qfx.runtime.numerics`, so ONNX Runtime computes the numbers torch does. int4/uint4 codes
+qfx::quantize_per_token -> ReduceMax/Div/Round/Clip/Cast, qfx::hadamard -> Reshape/Transpose/MatMul
+per Kronecker factor, the same arithmetic in the same order as `qfx.runtime`, so ONNX Runtime
+computes the numbers torch does. int4/uint4 codes
 become packed INT4/UINT4 initializers. Everything else stays float, in torch.onnx's form,
 except SiLU and attention, written in torch's own formula and order so that ONNX Runtime's
 values match torch's (a float difference can move an activation code downstream).
@@ -35,6 +36,7 @@ from qfx.runtime import numerics, ops
 from qfx.runtime.artifact_files import ONNX_FILE
 from qfx.runtime.errors import OutputError
 from qfx.runtime.formats import QDType
+from qfx.runtime.hadamard import hadamard_factors
 from qfx.runtime.verify import META_ACTIVATIONS, META_ROOT
 
 ONNX_DATA = "model.onnx.data"
@@ -126,8 +128,25 @@ def _attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_cau
     return op.MatMul(op.Softmax(scores, axis=-1), value)
 
 
+def _hadamard(x):
+    """qfx::hadamard as Reshape / Transpose / MatMul per Kronecker factor, then the 1/sqrt(n)
+    scale: the steps of qfx.runtime.hadamard.hadamard_transform, in its order."""
+    n = x.shape[-1] if x.shape is not None else None
+    if not isinstance(n, int):
+        raise ValueError("qfx::hadamard needs a fixed last dimension to export")
+    y, rest = x, n
+    for factor in hadamard_factors(n):
+        order = factor.shape[0]
+        rest //= order
+        y = op.Transpose(op.Reshape(y, op.Constant(value_ints=[-1, order, rest])), perm=[0, 2, 1])
+        y = op.Transpose(op.MatMul(y, op.CastLike(op.Constant(value=ir.tensor(factor.numpy().astype(np.float32))), x)),
+                         perm=[0, 2, 1])
+    return op.Mul(op.Reshape(y, op.Shape(x)), op.CastLike(op.Constant(value_float=1.0 / n ** 0.5), x))
+
+
 TRANSLATIONS = {ops.QUANTIZE: _quantize, ops.DEQUANTIZE: _dequantize, ops.QUANTIZE_PER_TOKEN: _quantize_per_token,
-                torch.ops.aten.silu.default: _silu, torch.ops.aten.scaled_dot_product_attention.default: _attention}
+                ops.HADAMARD: _hadamard, torch.ops.aten.silu.default: _silu,
+                torch.ops.aten.scaled_dot_product_attention.default: _attention}
 
 
 def _pack_int4(model: onnx.ModelProto) -> None:

@@ -9,6 +9,7 @@ Sylvester's doubling. Orders reachable neither way get a clear error naming `kin
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -51,27 +52,82 @@ def _paley(m: int) -> torch.Tensor | None:
     return None
 
 
+SYLVESTER_FACTOR = 64  # the power-of-two part is applied as Kronecker factors of at most this order
+
+
 @functools.lru_cache(maxsize=32)
-def _hadamard(n: int) -> torch.Tensor:
-    """An unnormalized Hadamard matrix (entries ±1, H Hᵀ = n I) of order n."""
+def hadamard_factors(n: int) -> tuple[torch.Tensor, ...]:
+    """Unnormalized Hadamard matrices whose Kronecker product is one of order n: a Paley
+    matrix of order m (if m > 1) and Sylvester matrices of the power of two, n = m · 2^k.
+    Applying them one axis at a time costs n · (sum of their orders) instead of n²."""
     power = 1
     while n % (2 * power) == 0:
         power *= 2
-    # n = m · 2^k: try the largest power of two first, then move factors of two into m.
+    # Try the largest power of two first, then move factors of two into m.
     while power >= 1:
         m = n // power
-        base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
-        if base is not None:
-            sylvester = torch.ones(1, 1, dtype=torch.float64)
-            for _ in range(power.bit_length() - 1):
-                sylvester = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), sylvester)
-            return torch.kron(base, sylvester)
+        base = None if m == 1 else _paley(m)
+        if m == 1 or base is not None:
+            factors = [] if base is None else [base]
+            while power > 1:
+                order = min(power, SYLVESTER_FACTOR)
+                factors.append(_sylvester(order))
+                power //= order
+            return tuple(factors) or (torch.ones(1, 1, dtype=torch.float64),)
         power //= 2
     raise NoHadamardError(f"no Hadamard matrix of order {n} is built here (orders 2^k · m with m = 1 or "
                           "a Paley order: 12, 20, 24, 28, 36, 44, ...)")
 
 
-def orthogonal(n: int, kind: str, seed: int) -> torch.Tensor:
+def _sylvester(order: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < order:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    """An unnormalized Hadamard matrix (entries ±1, H Hᵀ = n I) of order n."""
+    return functools.reduce(torch.kron, hadamard_factors(n))
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """x @ H / sqrt(n) over the last dimension, H = _hadamard(n), one Kronecker factor at a time.
+
+    Each factor contracts one axis of x viewed as (-1, order, rest): the sequence the ONNX
+    emitter writes (Reshape, Transpose, MatMul, Transpose), so both compute the same sums."""
+    n = x.shape[-1]
+    y = x
+    rest = n
+    for f in hadamard_factors(n):
+        order = f.shape[0]
+        rest //= order
+        # one GEMM over every (row, rest) pair: many small batched products are far slower
+        y = (y.reshape(-1, order, rest).transpose(1, 2).reshape(-1, order) @ f.to(x.dtype))
+        y = y.reshape(-1, rest, order).transpose(1, 2)
+    return y.reshape(x.shape) * (1.0 / n ** 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Orthogonal:
+    """An n × n orthogonal matrix Q: diag(signs) · H / sqrt(n) for a Hadamard H (applied one
+    Kronecker factor at a time, n · Σ orders operations a row instead of n²), or a dense one."""
+
+    n: int
+    signs: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Q over the last dimension."""
+        if self.dense is not None:
+            return x @ self.dense.to(x.dtype)
+        return hadamard_transform(x * self.signs.to(x.dtype))
+
+    def matrix(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.n, dtype=torch.float64))
+
+
+def orthogonal(n: int, kind: str, seed: int) -> Orthogonal:
     """An n × n orthogonal matrix in float64.
 
     hadamard: H / sqrt(n) with its rows' signs flipped at random (seeded), which spreads every
@@ -79,9 +135,9 @@ def orthogonal(n: int, kind: str, seed: int) -> torch.Tensor:
     uniformly random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "hadamard":
-        signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
-        return signs[:, None] * _hadamard(n) / n ** 0.5
+        hadamard_factors(n)  # refuse an order without a construction now
+        return Orthogonal(n, signs=torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1)
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))[None, :]
+        return Orthogonal(n, dense=q * torch.sign(torch.diagonal(r))[None, :])
     raise ValueError(f"rotation kind must be one of {', '.join(KINDS)}, got {kind!r}")

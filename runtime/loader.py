@@ -30,7 +30,7 @@ from qfx.runtime.artifact_files import (
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import LayerFormat
 from qfx.runtime.layout import check_artifact_layer, layer_from_artifact
-from qfx.runtime.quant_linear import QuantLinear
+from qfx.runtime.quant_linear import INPUT_TRANSFORMS, QuantLinear
 
 # The float skeleton a config.json describes may take this many times model.safetensors' bytes
 # (a float32 weight whose codes are packed 4-bit takes 8 times their bytes), plus this slack for
@@ -184,6 +184,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
         layer = layer_from_artifact(layer, fmt)
         quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt)
         quant.path = layer_path
+        quant.input_transform = _input_transform(record, layer_path, folder)
         for name, value in layer.items():
             if name in ("weight", "bias") and name in quant._parameters:
                 quant._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
@@ -205,6 +206,15 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
         model.tie_weights()
     _check_tied(model, manifest["tied"] if tied else {}, path)
     return model.eval()
+
+
+def _input_transform(record: dict, layer_path: str, folder: Path) -> str | None:
+    transform = record.get("input_transform")
+    if transform is not None and transform not in INPUT_TRANSFORMS:
+        raise ArtifactError(f"layer {layer_path} of {MANIFEST_FILE} has input_transform {transform!r}, which this "
+                            f"qfx does not know (it knows {', '.join(INPUT_TRANSFORMS)})", where=str(folder),
+                            hint="load it with the qfx version that built it")
+    return transform
 
 
 def _check_tied(model: torch.nn.Module, tied: dict[str, str], path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The `qfx::` quantize / dequantize ops that a QDQ graph is made of.
+"""The `qfx::` ops that a QDQ graph is made of: quantize / dequantize, and the online Hadamard
+rotation that a rotation pass may put before a linear.
 
 Each is a torch custom op with a fake implementation, so graphs holding them export, save and
 reload; the body is the reference arithmetic of `qfx.runtime.numerics`. They mirror ONNX
@@ -10,6 +11,7 @@ import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.formats import QDType
+from qfx.runtime.hadamard import hadamard_transform
 
 
 @torch.library.custom_op("qfx::quantize", mutates_args=())
@@ -45,6 +47,18 @@ def _(x, qdtype):
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@torch.library.custom_op("qfx::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H / sqrt(n) over the last dimension (qfx.runtime.hadamard)."""
+    return hadamard_transform(x)
+
+
+@hadamard.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 QUANTIZE = torch.ops.qfx.quantize.default
 DEQUANTIZE = torch.ops.qfx.dequantize.default
 QUANTIZE_PER_TOKEN = torch.ops.qfx.quantize_per_token.default
+HADAMARD = torch.ops.qfx.hadamard.default

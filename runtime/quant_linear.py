@@ -25,6 +25,12 @@ def qdq_activation(x: torch.Tensor, fmt: TensorFormat, scale: torch.Tensor | Non
     return ops.dequantize(codes, scale, zero_point, fmt.dtype.value, 0, 0, x.dtype)
 
 
+# The transforms a layer may apply to its input before quantizing it (manifest: input_transform),
+# and the config.json key that lists the layers with one.
+HADAMARD_TRANSFORM = "hadamard"
+INPUT_TRANSFORMS = (HADAMARD_TRANSFORM,)
+ONLINE_CONFIG_KEY = "qfx_online_transforms"
+
 SAME_VALUE_TOLERANCE = 1e-6  # of the tensor's largest magnitude: far below any step between codes
 _FORCED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("qfx_forced_activations", default=None)
 
@@ -67,6 +73,7 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fmt, self.dtype = in_features, out_features, fmt, dtype
         self.path = ""  # the layer's module path in the model (set by the loader)
+        self.input_transform: str | None = None  # one of INPUT_TRANSFORMS (set by the loader)
         if fmt.weight is None:
             self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                              requires_grad=False)
@@ -75,6 +82,8 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
+        if self.input_transform == HADAMARD_TRANSFORM:
+            x = ops.hadamard(x)
         if fmt.input is not None:
             x = _maybe_forced(qdq_activation(x, fmt.input, getattr(self, "input_scale", None),
                                              getattr(self, "input_zero_point", None)), self.path, "input")
@@ -91,4 +100,5 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{k}={v.describe()}" for k, v in self.fmt.tensors.items())
-        return f"in_features={self.in_features}, out_features={self.out_features}, {parts}"
+        transform = f", input_transform={self.input_transform}" if self.input_transform else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {parts}{transform}"

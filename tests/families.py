@@ -31,12 +31,19 @@ def family_model(name: str):
     raise KeyError(name)
 
 
-def captured(model, dtype):
+def perturbed(model, dtype=torch.float32):
+    """`model` in `dtype`, eval mode, with its 1-D weights (norms, biases) moved away from their
+    initial values, so that a fold dividing them, or a rotation needing them fused, shows."""
     model = model.to(dtype).eval()
-    with torch.no_grad():  # norm weights away from 1, so that dividing them is visible
+    with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def captured(model, dtype):
+    model = perturbed(model, dtype)
     bundle = wrap_module(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     example = (ids,) if bundle.kind == "causal_lm" else (ids, torch.ones_like(ids))
