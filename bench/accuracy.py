@@ -45,6 +45,7 @@ CASES = [
     ("outlier", "static percentile + rotation R1 R2 R4", PERCENTILE, R4, 0.33),
     ("outlier", "static + rotation R1 R2 R4 + smoothquant auto", STATIC, R4_SQ, 0.33),
     ("outlier", "per-token dynamic + rotation R1 R2 R4", DYNAMIC, R4, 0.25),
+    ("outlier", "per-token dynamic + rotation R1 R2 R4 + smoothquant auto", DYNAMIC, R4_SQ, 0.25),
     ("plain", "static minmax", STATIC, [], None),
     ("plain", "static + smoothquant auto", STATIC, SQ_AUTO, None),
     ("plain", "static + rotation R1 R2 R4", STATIC, R4, None),

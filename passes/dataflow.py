@@ -76,8 +76,8 @@ class FoldGroup:
     # Channels whose way to the consumers only moves them, sums them over tokens (attention)
     # or scales them by factors that do not vary from channel to channel: a rotation within
     # blocks of `block` channels (the attention's head size; None without attention) folds too.
-    rotatable: torch.Tensor | None = None
-    block: int | None = None
+    rotatable: torch.Tensor
+    block: int | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,11 +84,14 @@ def untie(gm: torch.fx.GraphModule, node: torch.fx.Node, root_prefix: str) -> li
         targets.append(target)
     if len(set(targets)) != len(targets):
         raise ValueError(f"{node.target} is read twice within one module: the tensor cannot be untied")
+    existing = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     for user, target in zip(readers, targets):
         if target != node.target:
-            with gm.graph.inserting_before(node):
-                own = gm.graph.get_attr(target)
-            own.meta.update(node.meta)
+            own = existing.get(target)
+            if own is None:
+                with gm.graph.inserting_before(node):
+                    own = gm.graph.get_attr(target)
+                own.meta.update(node.meta)
             user.replace_input_with(node, own)
     return targets
 

@@ -112,7 +112,6 @@ def _untie_embeddings(gm: torch.fx.GraphModule, prefix: str) -> list[str]:
                 untied += [t.removeprefix(prefix) for t in untie(gm, node, prefix)]
             except ValueError as exc:
                 raise RotationError(str(exc)) from None
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     return untied
 
@@ -188,7 +187,7 @@ def _head_blocks(gm, group: FoldGroup) -> int | None:
     """The head size when every producer channel that reaches a consumer passes only through
     attention and each consumer reads whole, aligned heads of it in order; else None."""
     d = group.block
-    if group.producer.kind != "linear" or d is None or group.rotatable is None or shared_tensors(gm, group):
+    if group.producer.kind != "linear" or d is None or shared_tensors(gm, group):
         return None
     used = torch.zeros(group.producer.channels, dtype=torch.bool)
     for m in group.maps:

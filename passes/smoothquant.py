@@ -139,27 +139,29 @@ class SmoothQuant(Pass):
             s = (x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)).clamp(S_MIN, S_MAX)
             return torch.where(usable, s, torch.ones((), dtype=torch.float64))
 
-        figures = {None: _group_figures(group, consumers, torch.ones_like(x_max))}
+        errors = {None: _group_errors(group, consumers, torch.ones_like(x_max))}
         candidates = ALPHA_COARSE if self.alpha == "auto" else (float(self.alpha),)
-        figures.update({a: _group_figures(group, consumers, scales(a)) for a in candidates})
+        errors.update({a: _group_errors(group, consumers, scales(a)) for a in candidates})
         if self.alpha == "auto":
-            best = min(candidates, key=lambda a: _group_error(figures[a]))
+            best = min(candidates, key=lambda a: _group_error(errors[a]))
             for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
                 if 0 < a < 1:
-                    figures[a] = _group_figures(group, consumers, scales(a))
-        alpha = min((a for a in figures if a is not None), key=lambda a: _group_error(figures[a]))
-        if self.alpha == "auto" and _group_error(figures[alpha]) >= _group_error(figures[None]):
+                    errors[a] = _group_errors(group, consumers, scales(a))
+        alpha = min((a for a in errors if a is not None), key=lambda a: _group_error(errors[a]))
+        if self.alpha == "auto" and _group_error(errors[alpha]) >= _group_error(errors[None]):
             alpha = None  # no α helps this group: leave it as it is
         chosen = torch.ones_like(x_max) if alpha is None else scales(alpha)
         if alpha is not None:
             apply_fold(gm, group, chosen)
+        sqnr = {a: [c.weight_sqnr(t) for c, t in zip(consumers, column_scales(group, s))]
+                for a, s in ((None, torch.ones_like(x_max)), (alpha, chosen))}
         layers = {module_path(c.node, prefix): {
-            "error": [round(figures[a][i][0], 6) for a in (None, alpha)],
-            "weight_sqnr_db": [_round(figures[a][i][1]) for a in (None, alpha)]} for i, c in enumerate(consumers)}
+            "error": [round(errors[a][i], 6) for a in (None, alpha)],
+            "weight_sqnr_db": [_round(sqnr[a][i]) for a in (None, alpha)]} for i, c in enumerate(consumers)}
         record = {"producer": _describe_producer(group.producer, prefix), "kind": group.producer.kind,
                   "consumers": list(layers), "channels": [int(group.foldable.sum()), group.producer.channels],
-                  "alpha": alpha, "error_before": round(_group_error(figures[None]), 6),
-                  "error_after": round(_group_error(figures[alpha]), 6), "layers": layers,
+                  "alpha": alpha, "error_before": round(_group_error(errors[None]), 6),
+                  "error_after": round(_group_error(errors[alpha]), 6), "layers": layers,
                   # per producer channel, for the report's picture (not kept in the manifest)
                   "channel_max": [x_max.tolist(), (x_max / chosen).tolist()]}
         return record, None if alpha is None else chosen
@@ -251,26 +253,31 @@ class _Consumer:
         self.fmt_in = quant.fmt.input if quant else None
         self.fmt_w = quant.fmt.weight if quant else None
 
-    def figures(self, t: torch.Tensor) -> tuple[float, float | None]:
-        """With column factors t: the quantized output's error relative to the float output,
-        and the weight's SQNR (None when the weight stays float)."""
-        w = self.w * t.float()
+    def error(self, t: torch.Tensor) -> float:
+        """With column factors t: the quantized output's error relative to the float output."""
         xq = _fake_quant_input(self.x / t.float(), (self.lo / t).min(), (self.hi / t).max(), self.fmt_in)
-        wq = _fake_quant_weight(w, self.fmt_w)
-        error = sum_squares(xq @ wq.T - self.ref) / max(self.energy, 1e-30)
-        return error, (sqnr_db(w, wq) if self.fmt_w is not None else None)
+        wq = _fake_quant_weight(self.w * t.float(), self.fmt_w)
+        return sum_squares(xq @ wq.T - self.ref) / max(self.energy, 1e-30)
+
+    def weight_sqnr(self, t: torch.Tensor) -> float | None:
+        """With column factors t: the weight's SQNR (None when the weight stays float); asked
+        only for the α kept, not for every one tried."""
+        if self.fmt_w is None:
+            return None
+        w = self.w * t.float()
+        return sqnr_db(w, _fake_quant_weight(w, self.fmt_w))
 
 
-def _group_figures(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> list[tuple]:
-    return [c.figures(t) for c, t in zip(consumers, column_scales(group, s))]
+def _group_errors(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> list[float]:
+    return [c.error(t) for c, t in zip(consumers, column_scales(group, s))]
 
 
-def _group_error(figures: list[tuple]) -> float:
+def _group_error(errors: list[float]) -> float:
     """The mean over consumers of each one's quantized output error relative to its float output.
 
     Each consumer counts alike: weighting by output energy would let q and k outvote v in an
     attention group, while v's error is the one that reaches the next layer unattenuated."""
-    return sum(error for error, _ in figures) / len(figures)
+    return sum(errors) / len(errors)
 
 
 def _fake_quant_input(x, lo, hi, fmt: TensorFormat | None) -> torch.Tensor:

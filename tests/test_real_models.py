@@ -43,16 +43,21 @@ def test_float_perplexity_protocol(story_ids):
     assert fp["tokens"] == 15476 and abs(fp["perplexity"] - FP32_PPL) < 0.01  # measured 10.4968
 
 
+ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
+              "rotation": [{"rotation": {"online_down_proj": True}}]}
+
+
 @pytest.mark.parametrize("name, quantization, target, limit_pct", [
     ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 4.0),  # +3.16%; AVX-512 +3.18%; scalar +3.17%
-    ("w8a8-int8-static-smoothquant", {"preset": "w8a8-int8"}, "cpu", 1.5),  # +0.88%
+    ("w8a8-int8-static-smoothquant", {"preset": "w8a8-int8"}, "cpu", 1.5),  # +1.11%
+    ("w8a8-int8-static-rotation", {"preset": "w8a8-int8"}, "cpu", 1.0),  # R1 R2 R4: +0.37%
     ("w8a8-int8-per-token", {"preset": "w8a8-int8-dynamic"}, "cpu", 0.5),  # +0.20%; scalar +0.20%
     ("fp8-gfx942-fnuz", {"preset": "w8a8-fp8"}, "gfx942", 3.0),  # +2.18%; scalar +2.16%
     ("fp8-gfx950-fn", {"preset": "w8a8-fp8"}, "gfx950", 3.0),  # +2.18%; scalar +2.16%
     ("w4a16-g64", {"preset": "w4a16-g64"}, "cpu", 28.0),  # +25.39%; scalar +25.39%
 ])
 def test_tinystories_perplexity(name, quantization, target, limit_pct, story_ids):
-    algorithms = [{"smoothquant": {"alpha": "auto"}}] if name.endswith("smoothquant") else []
+    algorithms = ALGORITHMS.get(name.rpartition("-")[2], [])
     ppl = tinystories_ppl(quantization, target, story_ids, algorithms)["perplexity"]
     change = 100 * (ppl / FP32_PPL - 1)
     print(f"{name} on {cpu_isa()}: perplexity {ppl:.4f} ({change:+.2f}%)")

@@ -1,7 +1,7 @@
 """Rotation: Hadamard matrices, the residual stream found from dataflow on several transformers
 families, rotations that leave the float model unchanged, and the pass in a build.
 
-Exactness figures measured on an AVX2 CPU (the rotations do the same float64 arithmetic on
+Exactness figures measured on an AVX2 CPU (a rotation rounds once, in the weights' precision, on
 every CPU; only the float GEMMs' rounding differs, at the 1e-7 level)."""
 import json
 
