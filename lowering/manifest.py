@@ -67,6 +67,25 @@ def _smoothquant_section(record: dict | None, pictures: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _rotation_section(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    lines = ["## Rotation", "",
+             f"- residual stream (R1): {record['kind']} (seed {record['seed']}) of order {record['hidden']}, folded into "
+             f"{len(record['embeddings'])} embedding(s), {len(record['writers'])} linears writing the stream and "
+             f"{len(record['readers'])} reading it; {len(record['norms_fused'])} norm weights fused into their readers"]
+    if record["untied"]:
+        lines.append(f"- untied: {', '.join(f'`{t}`' for t in record['untied'])} (config.json: "
+                     "tie_word_embeddings false)")
+    if record["heads"]:
+        lines.append(f"- attention heads (R2): {len(record['heads'])} value → output pairs, heads of "
+                     f"{', '.join(sorted({str(h['block']) for h in record['heads']}))}")
+    if record["online"]:
+        lines.append(f"- online Hadamard (R4) before {', '.join(f'`{p}`' for p in record['online'])}: runs in "
+                     "qfx.runtime and ONNX; Quark-format loaders (vLLM, transformers through amd-quark) do not run it")
+    return lines + [""]
+
+
 def render_report(manifest: dict) -> str:
     lines = [f"# qfx build report: {manifest['model']['name']}", ""]
     lines += [f"- target: `{manifest['target']}`",
@@ -93,6 +112,7 @@ def render_report(manifest: dict) -> str:
                   f"{100 * verify['activation_values_differing']:.4g}%; running free, relative error "
                   f"{verify['free_running_rel_error']:.3g}", ""]
     pictures = [name for name in manifest.get("artifact", {}) if name.endswith(".png")]
+    lines += _rotation_section(manifest.get("rotation"))
     lines += _smoothquant_section(manifest.get("smoothquant"), pictures)
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
@@ -100,7 +120,8 @@ def render_report(manifest: dict) -> str:
         fmt = LayerFormat.from_json(rec["format"])
         scale = rec.get("weight_scale_range")
         sqnr = rec.get("weight_sqnr_db", "—")
-        lines.append(f"| `{path}` | {'; '.join(rec['rules'])} | {_fmt_cell(fmt.weight)} | {_fmt_cell(fmt.input)} | "
+        transform = f"{rec['input_transform']}, then " if rec.get("input_transform") else ""
+        lines.append(f"| `{path}` | {'; '.join(rec['rules'])} | {_fmt_cell(fmt.weight)} | {transform}{_fmt_cell(fmt.input)} | "
                      f"{_fmt_cell(fmt.output)} | {'exact' if sqnr is None else sqnr} | "
                      f"{'—' if scale is None else f'{scale[0]:.3g} … {scale[1]:.3g}'} |")
     return "\n".join(lines) + "\n"

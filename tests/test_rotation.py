@@ -173,6 +173,9 @@ def test_built_artifact_records_the_rotation_and_unties_the_head(built_specs):
     assert rotation["online"] == online and config["qfx_online_transforms"] == {"hadamard": online}
     assert [p for p, layer in manifest["layers"].items() if layer.get("input_transform") == "hadamard"] == online
     assert manifest["verify"]["output_rel_error"] < 1e-5  # ONNX Runtime runs the online Hadamards too
+    report = (result.artifact_dir / "report.md").read_text()
+    assert "## Rotation" in report and "Quark-format loaders (vLLM, transformers through amd-quark) do not" in report
+    assert "| hadamard, then int8 per_tensor" in report  # the layer table shows the online transform
 
 
 def test_rotation_tames_outlier_channels():
