@@ -104,8 +104,9 @@ class _Walk:
         op = node.target
         if get_role(node) in IDENTITY_ROLES:
             self.state[node] = self.state[node.args[0]]
-        elif states == {INVARIANT} and node.op == "call_function":
-            self.state[node] = INVARIANT  # a function of invariants only
+        elif states == {INVARIANT}:
+            if node.op == "call_function":
+                self.state[node] = INVARIANT  # a function of invariants only; the output may return them
         elif op is LINEAR and tracked == [node.args[0]] and states == {STREAM}:
             self.readers.append(node)
         elif op is aten.type_as.default and node.args[0] in self.state:
