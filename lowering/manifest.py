@@ -79,7 +79,7 @@ def _rotation_section(record: dict | None) -> list[str]:
                      "tie_word_embeddings false)")
     if record["heads"]:
         lines.append(f"- attention heads (R2): {len(record['heads'])} value → output pairs, heads of "
-                     f"{', '.join(sorted({str(h['block']) for h in record['heads']}))}")
+                     f"{', '.join(str(b) for b in sorted({h['block'] for h in record['heads']}))}")
     if record["online"]:
         lines.append(f"- online Hadamard (R4) before {', '.join(f'`{p}`' for p in record['online'])}: runs in "
                      "qfx.runtime and ONNX; Quark-format loaders (vLLM, transformers through amd-quark) do not run it")

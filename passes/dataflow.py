@@ -210,7 +210,13 @@ class _Propagation:
         channel when every row holds the same one."""
         same = (idx == idx[..., :1, :]).all(dim=-2, keepdim=True)
         self.mark(idx[~same.expand_as(idx)], node)
-        self.blocks.add(int(idx.shape[-1]))
+        # A rotation within heads needs each head's row to hold one aligned block of channels in
+        # order; channels of any other row are scaled, but not rotated, exactly.
+        d = int(idx.shape[-1])
+        rows = idx.reshape(-1, d)
+        aligned = (rows < 0).all(dim=1) | ((rows == rows[:, :1] + torch.arange(d)).all(dim=1) & (rows[:, 0] % d == 0))
+        self.varied[rows[~aligned][rows[~aligned] >= 0]] = True
+        self.blocks.add(d)
         row = torch.where(same, idx[..., :1, :], -1)
         try:
             return row.expand(out_shape).clone()

@@ -94,7 +94,8 @@ class _Walk:
     def _start(self, node: torch.fx.Node) -> None:
         width = int(self._param(node.args[0]).shape[1])
         if self.hidden not in (None, width):
-            raise StreamError(f"embeddings of widths {self.hidden} and {width}: the hidden size is not one", node)
+            raise StreamError(f"embeddings of widths {self.hidden} and {width} (a position bias table?): a rotation "
+                              "needs every embedding to write the one residual stream", node)
         self.hidden = width
         self.embeddings.append(node)
         self.state[node] = STREAM
@@ -108,6 +109,10 @@ class _Walk:
             if node.op == "call_function":
                 self.state[node] = INVARIANT  # a function of invariants only; the output may return them
         elif op is LINEAR and tracked == [node.args[0]] and states == {STREAM}:
+            w = self._param(node.args[1])
+            if w is None or w.shape[1] != self.hidden:
+                raise StreamError("a linear reads the residual stream with a weight that is not a parameter of "
+                                  f"{self.hidden} input columns", node)
             self.readers.append(node)
         elif op is aten.type_as.default and node.args[0] in self.state:
             self.state[node] = self.state[node.args[0]]  # the second argument gives only its dtype
@@ -182,8 +187,8 @@ class _Walk:
         if self.state.get(factor) == INVARIANT or not isinstance(factor, torch.fx.Node) or not shape \
                 or shape[-1] == 1:
             if shape and shape[-1] != 1:
-                raise StreamError("the residual stream is multiplied by a value that depends on the "
-                                  "stream channel by channel", node)
+                raise StreamError("the residual stream is multiplied by a per-token value broadcast over its "
+                                  "channels, which a rotation would not commute with", node)
             self.state[node] = STREAM
         elif factor in self.vectors and shape == (self.hidden,):
             self.norms.append(factor)
@@ -210,6 +215,11 @@ class _Walk:
             node = node.args[0]
         if not (isinstance(node, torch.fx.Node) and node.target is LINEAR and self._param(node.args[1]) is not None):
             raise StreamError("a value that no linear or embedding produced is added to the residual stream", add)
+        bias = node.args[2] if len(node.args) > 2 else None
+        if self._param(node.args[1]).shape[0] != self.hidden or \
+                (bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr")):
+            raise StreamError(f"a linear adds to the residual stream without {self.hidden} output rows and a "
+                              "bias parameter of its own", add)
         for n in [node, *path]:
             if len([u for u in n.users if u.target not in IGNORED_OPS]) != 1:
                 raise StreamError(f"the output of {n.name}, added to the residual stream, is also read elsewhere", add)

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from qfx.passes.base import Pass, PassContext, PassResult
-from qfx.passes.dataflow import FoldGroup, concrete_values, find_fold_groups, get_tensor, producers
+from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, concrete_values, find_fold_groups, get_tensor, producers
 from qfx.passes.fold import fuse_vector, set_tensor, shared_tensors, untie
 from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.residual import StreamError, find_stream
@@ -45,11 +45,13 @@ class RotationError(UserError):
 @dataclasses.dataclass(frozen=True)
 class Rotation(Pass):
     name = "rotation"
+    # Annotations say which linears are quantized: only those get an online Hadamard.
+    requires = frozenset({"annotated"})
     produces = frozenset({"rotated"})
-    # Observers calibrated before would hold ranges of the unrotated model; smoothing folded
-    # before would be undone (its factors would be fused into the linears and rotated away).
-    invalidates = frozenset({"calibrated"})
-    conflicts = frozenset({"smoothed", "qdq"})
+    # Observers already in the graph would see the analysis run of the unrotated model and sit
+    # before an online Hadamard; smoothing folded before would be fused into the linears and
+    # rotated away.
+    conflicts = frozenset({"observed", "smoothed", "qdq"})
     kind: str = "hadamard"  # hadamard (random signs) or random (uniformly random orthogonal)
     seed: int = 0
     heads: bool = True  # R2: also rotate each attention head between value and output projections
@@ -107,7 +109,8 @@ def _untie_embeddings(gm: torch.fx.GraphModule, prefix: str) -> list[str]:
     """Untie every embedding table that other ops also read (the tied head)."""
     untied = []
     for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and any(u.target is _EMBEDDING for u in node.users) and len(node.users) > 1:
+        readers = [u for u in node.users if u.target not in IGNORED_OPS]
+        if node.op == "get_attr" and any(u.target is _EMBEDDING for u in readers) and len(readers) > 1:
             try:
                 untied += [t.removeprefix(prefix) for t in untie(gm, node, prefix)]
             except ValueError as exc:
@@ -140,9 +143,13 @@ def _edit(gm, node: torch.fx.Node, index: int, fn) -> None:
 
 def _rotate_stream(gm, stream, q: Orthogonal) -> None:
     edited = [n.args[0] for n in stream.embeddings] + [n.args[1] for n in (*stream.writers, *stream.readers)]
+    edited += [n.args[2] for n in stream.writers if len(n.args) > 2 and n.args[2] is not None]
     for attr in dict.fromkeys(edited):
-        if len(attr.users) != 1 and sum(1 for e in edited if e is attr) != len(attr.users):
-            raise RotationError(f"{attr.target} is read by ops outside the residual stream (tied weights)")
+        # One reader each: a tensor read twice would be rotated twice (a linear that both reads
+        # and writes the stream is one reader, edited on both sides).
+        if len([u for u in attr.users if u.target not in IGNORED_OPS]) != 1:
+            raise RotationError(f"{attr.target} is read by more than one op (shared or tied weights), so rotating "
+                                "it for one of them would change the others")
     for node in stream.embeddings:
         _edit(gm, node, 0, q.apply)
     for node in stream.writers:
@@ -206,14 +213,14 @@ def _head_blocks(gm, group: FoldGroup) -> int | None:
 
 
 def _rotate_heads(gm, group: FoldGroup, d: int, rotation: Orthogonal) -> None:
-    r64 = rotation.matrix()
+    matrix = rotation.matrix()
     used = torch.zeros(group.producer.channels, dtype=torch.bool)
     for m in group.maps:
         used[m[m >= 0]] = True
     heads = used.reshape(-1, d).any(dim=1)
 
     def rows(w: torch.Tensor) -> torch.Tensor:
-        w, r = w.clone(), r64.to(w.dtype)
+        w, r = w.clone(), matrix.to(w.dtype)
         for h in torch.nonzero(heads).flatten().tolist():
             w[h * d:(h + 1) * d] = r.T @ w[h * d:(h + 1) * d]
         return w
@@ -223,7 +230,7 @@ def _rotate_heads(gm, group: FoldGroup, d: int, rotation: Orthogonal) -> None:
         _edit(gm, group.producer.node, 2, rows)
     for consumer, m in zip(group.consumers, group.maps):
         def columns(w: torch.Tensor, m=m) -> torch.Tensor:
-            w, r = w.clone(), r64.to(w.dtype)
+            w, r = w.clone(), matrix.to(w.dtype)
             for start in range(0, m.numel(), d):
                 if int(m[start]) >= 0:
                     w[:, start:start + d] = w[:, start:start + d] @ r

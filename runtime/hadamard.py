@@ -128,7 +128,7 @@ class Orthogonal:
 
 
 def orthogonal(n: int, kind: str, seed: int) -> Orthogonal:
-    """An n × n orthogonal matrix in float64.
+    """An n × n orthogonal matrix (applied in the dtype of what it multiplies).
 
     hadamard: H / sqrt(n) with its rows' signs flipped at random (seeded), which spreads every
     channel evenly over all the others while keeping the matrix's structure; random: a seeded

@@ -1,8 +1,8 @@
 """Rotation: Hadamard matrices, the residual stream found from dataflow on several transformers
 families, rotations that leave the float model unchanged, and the pass in a build.
 
-Exactness figures measured on an AVX2 CPU (a rotation rounds once, in the weights' precision, on
-every CPU; only the float GEMMs' rounding differs, at the 1e-7 level)."""
+Exactness figures measured on an AVX2 CPU (rotations run as GEMMs in the weights' precision, so
+they round like the model's own GEMMs, differently per CPU at the 1e-7 level)."""
 import json
 
 import pytest
@@ -106,6 +106,59 @@ def test_layer_norm_models_are_refused_naming_the_norm(family):
     assert "LayerNorm in hf." not in str(info.value) and "layer_norm" in str(info.value).lower()
 
 
+class _Toy(torch.nn.Module):
+    """Embedding, two RMSNorm residual blocks and a head; `variant` breaks one rule."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.variant = variant
+        self.embed = torch.nn.Embedding(32, 16)
+        self.norms = torch.nn.ParameterList([torch.nn.Parameter(1 + 0.3 * torch.randn(16)) for _ in range(3)])
+        self.first, self.second = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.narrow_in = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def rms(self, x, weight):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x if self.variant == "shared" else x * weight  # shared: no norm weight to fuse first
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = self.rms(x, self.norms[0])
+        if self.variant == "slice":
+            x = x + self.narrow_in(h[..., :8])
+        elif self.variant == "gate":
+            x = x * torch.sigmoid(self.first(h))
+        else:
+            x = x + self.first(h)
+        second = self.first if self.variant == "shared" else self.second
+        x = x + second(self.rms(x, self.norms[1]))
+        logits = self.head(self.rms(x, self.norms[2]))
+        return (logits, x) if self.variant == "hidden" else logits
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("shared", r"first.weight is read by more than one op \(shared or tied weights\)"),
+    ("slice", "a shape op splits or moves the hidden dimension of the residual stream at aten.slice"),
+    ("gate", "multiplied channel by channel by a value that is not a norm weight"),
+    ("hidden", "the model returns the residual stream itself"),
+])
+def test_what_a_rotation_would_change_is_refused_by_name(variant, message):
+    from qfx.capture import export, wrap_module
+
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    bundle = wrap_module((_Toy("ok"), (ids,)))
+    gm = export(bundle, (ids,))
+    with torch.no_grad():
+        reference = bundle.module(ids)
+        _rotate(bundle, gm, (ids,))
+        assert float((gm(ids) - reference).norm() / reference.norm()) < 1e-5  # the unbroken model rotates
+    bundle = wrap_module((_Toy(variant), (ids,)))
+    with pytest.raises(RotationError, match=message):
+        _rotate(bundle, export(bundle, (ids,)), (ids,))
+
+
 @needs_shared
 def test_rotation_of_the_tinystories_llama_is_exact():
     from conftest import TINYSTORIES
@@ -153,10 +206,14 @@ def test_an_online_hadamard_of_an_impossible_size_is_an_error_naming_the_layer()
 
 def test_rotation_cannot_follow_smoothing_or_calibration():
     spec = dict(ROT_SPEC, model={"factory": "qfx.examples:tiny_llama"})
-    with pytest.raises(UserError, match="rotation cannot run after a pass that made the graph smoothed"):
+    with pytest.raises(UserError, match="rotation cannot run after a pass that made the graph observed, smoothed"):
         qfx.compile(spec=spec, pipeline="annotate,observe,smoothquant,rotation,convert,freeze")
-    with pytest.raises(UserError, match="convert needs calibrated"):  # its ranges would be of the unrotated model
-        qfx.compile(spec=spec, pipeline="annotate,observe,calibrate,rotation,convert,freeze")
+    for pipeline in ("annotate,observe,calibrate,rotation,convert,freeze", "annotate,observe,rotation,calibrate,"
+                     "convert,freeze"):  # observers in the graph would see the unrotated model
+        with pytest.raises(UserError, match="rotation cannot run after a pass that made the graph observed"):
+            qfx.compile(spec=spec, pipeline=pipeline)
+    with pytest.raises(UserError, match="pass rotation needs annotated first"):  # R4 goes to the quantized layers
+        qfx.compile(spec=spec, pipeline="rotation,annotate,observe,calibrate,convert,freeze")
 
 
 def test_built_artifact_records_the_rotation_and_unties_the_head(built_specs):
