@@ -47,20 +47,22 @@ def apply_fold(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> N
     """Fold per-channel scales `s` (float64, 1 where a channel is not foldable) exactly."""
     s = torch.where(group.foldable, s.double(), torch.ones((), dtype=torch.float64))
     _divide_producer(gm, group.producer, s)
-    for consumer, t in zip(group.consumers, column_scales(group, s)):
-        target = consumer.args[1].target
-        w = get_tensor(gm, target)
-        set_tensor(gm, target, w.double() * t)
+    _scale_columns(gm, group, s)
 
 
 def fuse_vector(gm: torch.fx.GraphModule, group: FoldGroup) -> None:
     """Move a norm's weight vector into the linears that read the norm: their columns take its
     values and the vector becomes all ones (exact also where a weight is 0, unlike a fold by it)."""
     v = _vector_value(gm, group.producer)
-    for consumer, t in zip(group.consumers, column_scales(group, v)):
+    _scale_columns(gm, group, v)
+    set_tensor(gm, group.producer.params[0], _vector_inverse(group.producer.chain, torch.ones_like(v)))
+
+
+def _scale_columns(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> None:
+    """Multiply each consumer's input columns by s of the producer channel they carry."""
+    for consumer, t in zip(group.consumers, column_scales(group, s)):
         target = consumer.args[1].target
         set_tensor(gm, target, get_tensor(gm, target).double() * t)
-    set_tensor(gm, group.producer.params[0], _vector_inverse(group.producer.chain, torch.ones_like(v)))
 
 
 def untie(gm: torch.fx.GraphModule, node: torch.fx.Node, root_prefix: str) -> list[str]:

@@ -80,9 +80,10 @@ class Rotation(Pass):
         heads = []
         if self.heads:
             for group in groups:
-                if (block := _head_blocks(gm, group)) is not None:
+                if (used := _heads_used(gm, group)) is not None:
+                    block = group.block
                     r = self._matrix(block, 1, f"the head size of {_path(group.producer.node, ctx.root_prefix)}")
-                    _rotate_heads(gm, group, block, r)
+                    _rotate_heads(gm, group, used, r)
                     heads.append({"producer": _path(group.producer.node, ctx.root_prefix),
                                   "consumers": [_path(c, ctx.root_prefix) for c in group.consumers], "block": block})
         online = _online_hadamards(gm, stream, groups, ctx.root_prefix) if self.online_down_proj else []
@@ -190,9 +191,10 @@ def online_rotated_layers(gm: torch.fx.GraphModule, root_prefix: str) -> list[st
     return sorted(_path(n, root_prefix) for n in gm.graph.nodes if n.op == "call_function" and n.target is HADAMARD)
 
 
-def _head_blocks(gm, group: FoldGroup) -> int | None:
-    """The head size when every producer channel that reaches a consumer passes only through
-    attention and each consumer reads whole, aligned heads of it in order; else None."""
+def _heads_used(gm, group: FoldGroup) -> torch.Tensor | None:
+    """Which of the producer's heads (blocks of group.block rows) reach the consumers, when
+    every channel that does passes only through attention and each consumer reads whole,
+    aligned heads of it in order; else None."""
     d = group.block
     if group.producer.kind != "linear" or d is None or shared_tensors(gm, group):
         return None
@@ -209,15 +211,11 @@ def _head_blocks(gm, group: FoldGroup) -> int | None:
     blocks = used.reshape(-1, d) if group.producer.channels % d == 0 else None
     if blocks is None or not bool(blocks.all(dim=1).eq(blocks.any(dim=1)).all()):
         return None  # a head partly used
-    return d if bool(used.any()) and bool(group.rotatable[used].all()) else None
+    return blocks.any(dim=1) if bool(used.any()) and bool(group.rotatable[used].all()) else None
 
 
-def _rotate_heads(gm, group: FoldGroup, d: int, rotation: Orthogonal) -> None:
-    matrix = rotation.matrix()
-    used = torch.zeros(group.producer.channels, dtype=torch.bool)
-    for m in group.maps:
-        used[m[m >= 0]] = True
-    heads = used.reshape(-1, d).any(dim=1)
+def _rotate_heads(gm, group: FoldGroup, heads: torch.Tensor, rotation: Orthogonal) -> None:
+    d, matrix = group.block, rotation.matrix()
 
     def rows(w: torch.Tensor) -> torch.Tensor:
         w, r = w.clone(), matrix.to(w.dtype)
