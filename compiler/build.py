@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -17,14 +18,14 @@ from qfx import __version__
 from qfx.background import in_background, settle
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
-from qfx.errors import ModelLoadError, OutputError, UserError
+from qfx.errors import ModelLoadError, OutputError, QfxWarning, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.memory import release_memory
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import CALIBRATE, check_pipeline
-from qfx.passes.rotation import Rotation, online_rotated_layers
+from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
@@ -218,9 +219,9 @@ def _pipeline(cfg, explicit: str | None) -> list:
 def _algorithm_pass(algorithm):
     options = getattr(algorithm, algorithm.name)
     if algorithm.name == SmoothQuant.name:
-        return SmoothQuant(alpha=str(options.alpha))
+        return SmoothQuant(alpha=str(options.alpha), explicit_multiply=options.explicit_multiply)
     if algorithm.name == Rotation.name:
-        return Rotation(kind=options.kind, seed=options.seed, heads=options.heads,
+        return Rotation(kind=options.kind, seed=options.seed, residual=options.residual, heads=options.heads,
                         online_down_proj=options.online_down_proj)
     raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
@@ -307,6 +308,16 @@ def _onnx_options(cfg, bundle: ModelBundle, example: tuple) -> dict:
                          META_INPUTS: json.dumps(inputs), "qfx.target": cfg.target.value}}
 
 
+def _warn_of_input_transforms(layers: dict) -> None:
+    transformed = [path for path, layer in layers.items() if layer.get("input_transforms")]
+    if transformed:
+        kinds = sorted({t for path in transformed for t in layers[path]["input_transforms"]})
+        warnings.warn(QfxWarning(
+            f"{len(transformed)} layers ({transformed[0]}, ...) transform their input before quantizing it "
+            f"({', '.join(kinds)}): qfx.runtime and ONNX run these artifacts; Quark-format loaders (vLLM, "
+            "transformers through amd-quark) do not"), stacklevel=2)
+
+
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
           model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
@@ -318,7 +329,8 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx, folds=folds, online=online_rotated_layers(gm, bundle.root_prefix))
+            onnx=onnx, folds=folds)
+        _warn_of_input_transforms(manifest["layers"])
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None
             # check_hashes=False: the build wrote these files and their hashes a moment ago

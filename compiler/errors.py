@@ -7,9 +7,10 @@ from qfx.runtime.errors import (
                                 OutputError,
                                 PassFailure,
                                 QfxError,
+                                QfxWarning,
                                 SpecError,
                                 UserError,
 )
 
 __all__ = ["ArtifactError", "CalibrationError", "ExportError", "ModelLoadError", "OutputError",
-           "PassFailure", "QfxError", "SpecError", "UserError"]
+           "PassFailure", "QfxError", "QfxWarning", "SpecError", "UserError"]

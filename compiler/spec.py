@@ -258,6 +258,11 @@ class SmoothQuantOptions(_Model):
     alpha: float | Literal["auto"] = Field(
         default="auto", description="migration strength in (0, 1): s = max|X|^alpha / max|W|^(1-alpha); "
                                     "auto searches it per fold group on the calibration data")
+    explicit_multiply: bool = Field(
+        default=False, description="where no producer can absorb the factors (a LayerNorm that also feeds a "
+                                   "residual, an activation between two linears), multiply the layer's input by "
+                                   "them explicitly (a stored pre_quant_scale per layer): qfx.runtime and ONNX run "
+                                   "it; Quark-format loaders such as vLLM's do not")
 
     @field_validator("alpha")
     @classmethod
@@ -272,10 +277,13 @@ class RotationOptions(_Model):
         default="hadamard", description="hadamard: a Hadamard matrix with random signs (orders 2^k·m, m = 1 or a "
                                         "Paley order such as 12, 20, 28); random: a random orthogonal matrix")
     seed: int = Field(default=0, ge=0, description="seed of the random signs or matrix")
+    residual: bool = Field(default=True, description="rotate the residual stream (R1; RMSNorm models): false keeps "
+                                                     "only the head rotation and the online Hadamard, for "
+                                                     "LayerNorm models such as BERT")
     heads: bool = Field(default=True, description="also rotate each attention head between the value and "
                                                   "output projections (R2)")
     online_down_proj: bool = Field(default=False, description="an online Hadamard transform (qfx::hadamard) before "
-                                   "the MLP's down projection (R4): the artifact then needs a runtime that runs "
+                                   "each linear whose input other linears make through elementwise ops (the MLP's down projection, R4): the artifact then needs a runtime that runs "
                                    "it (qfx.runtime, ONNX); Quark-format loaders such as vLLM's do not")
 
 

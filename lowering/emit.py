@@ -3,6 +3,7 @@ manifest.json and report.md, into a directory that is published only when all ar
 from __future__ import annotations
 
 import json
+import operator
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -12,10 +13,12 @@ import torch
 from qfx.lowering.manifest import layer_record, write_manifest
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
+from qfx.passes.meta import module_path
 from qfx.runtime.artifact_files import MODEL_FILE
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file
-from qfx.runtime.quant_linear import HADAMARD_TRANSFORM, ONLINE_CONFIG_KEY
+from qfx.runtime.ops import DEQUANTIZE, HADAMARD, QUANTIZE, QUANTIZE_PER_TOKEN
+from qfx.runtime.quant_linear import HADAMARD_TRANSFORM, ONLINE_CONFIG_KEY, PRE_QUANT_SCALE, SCALE_TRANSFORM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
@@ -42,6 +45,37 @@ def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant]
     return sorted(path for path in plan if root_prefix + path not in owners)
 
 
+_QDQ = {QUANTIZE, DEQUANTIZE, QUANTIZE_PER_TOKEN, operator.getitem}
+
+
+def input_transforms(gm: torch.fx.GraphModule, root_prefix: str) -> dict[str, list[str]]:
+    """Layer path -> the transforms its input goes through before its quantizer, in order: a
+    qfx::hadamard (rotation's R4) and a multiply by a `pre_quant_scale` (SmoothQuant's explicit
+    multiply), found by walking back from each linear over its quantize/dequantize ops."""
+    found = {}
+    for linear in gm.graph.nodes:
+        if linear.target is not torch.ops.aten.linear.default:
+            continue
+        transforms, node = [], linear.args[0]
+        while isinstance(node, torch.fx.Node) and node.op == "call_function":
+            if node.target is HADAMARD:
+                transforms.append(HADAMARD_TRANSFORM)
+            elif _is_scale(node):
+                transforms.append(SCALE_TRANSFORM)
+            elif node.target not in _QDQ:
+                break
+            node = node.args[0]
+        if transforms:
+            found[module_path(linear, root_prefix)] = transforms[::-1]
+    return found
+
+
+def _is_scale(node: torch.fx.Node) -> bool:
+    factors = node.args[1] if node.target is torch.ops.aten.mul.Tensor else None
+    return isinstance(factors, torch.fx.Node) and factors.op == "get_attr" and factors.target.endswith(
+        "." + PRE_QUANT_SCALE)
+
+
 def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str
                      ) -> tuple[str, dict[str, str]]:
     """model.safetensors in the Quark layout; returns its sha256 and the tied-weight aliases."""
@@ -53,12 +87,12 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
-                  folds: dict | None = None, online: list[str] = ()) -> dict:
+                  folds: dict | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
-    records, pictured in PNGs that report.md shows; `online` the layers whose input goes through
-    an online Hadamard (rotation.online_rotated_layers)."""
+    records, pictured in PNGs that report.md shows."""
+    transforms = input_transforms(gm, root_prefix)
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
     if onnx is not None:
@@ -73,8 +107,9 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
         if config.get("tie_word_embeddings") and not aliases:  # a fold untied the head from the embedding
             config["tie_word_embeddings"] = False
-        if online:  # for a reader to tell that these layers need the transform (vLLM's Quark loader does not)
-            config[ONLINE_CONFIG_KEY] = {"hadamard": online}
+        if transforms:  # for a reader to tell that these layers need them (vLLM's Quark loader does not)
+            config[ONLINE_CONFIG_KEY] = {kind: [p for p, t in transforms.items() if kind in t]
+                                         for kind in dict.fromkeys(k for t in transforms.values() for k in t)}
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append("config.json")
     if model_dir is not None:
@@ -85,8 +120,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     manifest = dict(header)
     manifest["layers"] = {path: layer_record(quant, layer_buffers(gm, root_prefix, path), fp_weight(path))
                           for path, quant in plan.items()}
-    for path in online:
-        manifest["layers"][path]["input_transform"] = HADAMARD_TRANSFORM
+    for path, layer_transforms in transforms.items():
+        manifest["layers"][path]["input_transforms"] = layer_transforms
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
     manifest["unused_layers"] = layers_off_output_path(gm, plan, root_prefix)
     manifest["tied"] = aliases

@@ -120,7 +120,7 @@ def render_report(manifest: dict) -> str:
         fmt = LayerFormat.from_json(rec["format"])
         scale = rec.get("weight_scale_range")
         sqnr = rec.get("weight_sqnr_db", "—")
-        transform = f"{rec['input_transform']}, then " if rec.get("input_transform") else ""
+        transform = "".join(f"{t}, then " for t in rec.get("input_transforms", []))
         lines.append(f"| `{path}` | {'; '.join(rec['rules'])} | {_fmt_cell(fmt.weight)} | {transform}{_fmt_cell(fmt.input)} | "
                      f"{_fmt_cell(fmt.output)} | {'exact' if sqnr is None else sqnr} | "
                      f"{'—' if scale is None else f'{scale[0]:.3g} … {scale[1]:.3g}'} |")

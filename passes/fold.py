@@ -10,7 +10,12 @@ import torch
 import torch.fx
 
 from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, Producer, aten, get_tensor
-from qfx.passes.meta import module_path
+from qfx.passes.meta import copy_meta, module_path
+from qfx.passes.observe import observer_name
+from qfx.runtime.quant_linear import PRE_QUANT_SCALE
+
+# A producer kind of no node of the model: the factors go into an explicit multiply.
+MULTIPLY = "multiply"
 
 
 def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -46,8 +51,41 @@ def column_scales(group: FoldGroup, s: torch.Tensor) -> list[torch.Tensor]:
 def apply_fold(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> None:
     """Fold per-channel scales `s` (float64, 1 where a channel is not foldable) exactly."""
     s = torch.where(group.foldable, s.double(), torch.ones((), dtype=torch.float64))
-    _divide_producer(gm, group.producer, s)
+    if group.producer.kind == MULTIPLY:
+        _insert_multiply(gm, group, s)
+    else:
+        _divide_producer(gm, group.producer, s)
     _scale_columns(gm, group, s)
+
+
+def multiply_group(feed: torch.fx.Node, consumers: tuple[torch.fx.Node, ...], channels: int) -> FoldGroup:
+    """The group of linears reading `feed` whose factors no producer absorbs: the fold puts an
+    explicit multiply by 1/s on their input (before its observer, if it has one)."""
+    identity = torch.arange(channels)
+    ones = torch.ones(channels, dtype=torch.bool)
+    return FoldGroup(Producer(MULTIPLY, feed, channels, ()), consumers, (identity,) * len(consumers), ones, ones, None)
+
+
+def _insert_multiply(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) -> None:
+    """x -> x * (1/s) before the group's consumers. Each consumer's module holds the factors as
+    its `pre_quant_scale` (the artifact stores them per layer; the graph reads the first's)."""
+    feed = group.producer.node
+    dtype = feed.meta["val"].dtype
+    owners = [c.args[1].target.rpartition(".")[0] for c in group.consumers]
+    for owner in owners:
+        gm.get_submodule(owner).register_buffer(PRE_QUANT_SCALE, (1 / s).to(dtype))
+    observed = observer_name(feed)
+    source = feed.args[0] if observed else feed
+    with gm.graph.inserting_after(source):
+        factors = gm.graph.get_attr(f"{owners[0]}.{PRE_QUANT_SCALE}")
+    with gm.graph.inserting_after(factors):
+        node = gm.graph.call_function(aten.mul.Tensor, (source, factors))
+    copy_meta(node, group.consumers[0], "explicit_multiply", source.meta.get("val"))
+    if observed:
+        feed.replace_input_with(source, node)
+    else:
+        for consumer in group.consumers:
+            consumer.replace_input_with(source, node)
 
 
 def fuse_vector(gm: torch.fx.GraphModule, group: FoldGroup) -> None:

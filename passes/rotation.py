@@ -11,10 +11,14 @@ quantizer sees lose their outliers while the float model computes the same funct
 - R2, each attention head between the value projection and the output projection: a fold
   group whose channels pass only through attention (passes/dataflow.py) takes Rᵀ on each head's
   rows of the producer and R on the consumer's matching columns, R of the head's size;
-- R4 (`online_down_proj`), optional: a `qfx::hadamard` op before each quantized linear that
-  writes into the stream from outside attention (the MLP's down projection), whose input no
-  offline rotation reaches through the gated product; its weight takes W·H/sqrt(n). The op runs
-  at inference: artifacts record it, and consumers that do not know it cannot run them.
+- R4 (`online_down_proj`), optional: a `qfx::hadamard` op before each quantized linear whose
+  input other linears' outputs make through elementwise ops alone (the MLP's down projection,
+  after its activation or gated product), which no offline rotation reaches; its weight takes
+  W·H/sqrt(n). The op runs at inference: artifacts record it, and consumers that do not know it
+  cannot run them.
+
+R1 needs a stream that commutes with Q: RMSNorm. A LayerNorm's mean subtraction does not, so
+for LayerNorm models (post-LN BERT) `residual: false` keeps R2 and R4, which need no stream.
 
 The rotation runs before observe: it needs no data, and every range is then taken on the
 rotated model. A tied head is untied first (config.json then says tie_word_embeddings: false).
@@ -22,12 +26,14 @@ rotated model. A tied head is untied first (config.json then says tie_word_embed
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx
 
+from qfx.passes.annotate import LINEAR, linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
-from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, concrete_values, find_fold_groups, get_tensor, producers
+from qfx.passes.dataflow import IGNORED_OPS, FoldGroup, aten, concrete_values, find_fold_groups, get_tensor, producers
 from qfx.passes.fold import fuse_vector, set_tensor, shared_tensors, untie
 from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.residual import StreamError, find_stream
@@ -54,6 +60,7 @@ class Rotation(Pass):
     conflicts = frozenset({"observed", "smoothed", "qdq"})
     kind: str = "hadamard"  # hadamard (random signs) or random (uniformly random orthogonal)
     seed: int = 0
+    residual: bool = True  # R1: rotate the residual stream (RMSNorm models only)
     heads: bool = True  # R2: also rotate each attention head between value and output projections
     online_down_proj: bool = False  # R4: an online Hadamard before the MLP's down projection
 
@@ -64,19 +71,22 @@ class Rotation(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         if ctx.example is None:
             raise RuntimeError("rotation needs an example input in the pass context")
-        untied = _untie_embeddings(gm, ctx.root_prefix)
+        stream, untied, fused = None, [], []
+        if self.residual:
+            untied = _untie_embeddings(gm, ctx.root_prefix)
         values = concrete_values(gm, ctx.example)
-        vectors = {p.node for p in producers(gm) if p.kind == "vector"}
-        try:
-            stream = find_stream(gm, values, vectors)
-        except StreamError as exc:
-            raise RotationError(f"the residual stream cannot be rotated: {exc.describe(ctx.root_prefix)}",
-                                hint="rotation handles RMSNorm decoders; remove it from algorithms for this "
-                                     "model") from None
+        if self.residual:
+            vectors = {p.node for p in producers(gm) if p.kind == "vector"}
+            try:
+                stream = find_stream(gm, values, vectors)
+            except StreamError as exc:
+                raise RotationError(f"the residual stream cannot be rotated: {exc.describe(ctx.root_prefix)}",
+                                    hint="set residual: false to keep only the head rotation and the online "
+                                         "Hadamard, which need no stream") from None
         groups, _ = find_fold_groups(gm, ctx.example, values)
-        fused = [_fuse_norm(gm, groups, node, ctx.root_prefix) for node in stream.norm_weights]
-        q = self._matrix(stream.hidden, 0, "the hidden size")
-        _rotate_stream(gm, stream, q)
+        if stream is not None:
+            fused = [_fuse_norm(gm, groups, node, ctx.root_prefix) for node in stream.norm_weights]
+            _rotate_stream(gm, stream, self._matrix(stream.hidden, 0, "the hidden size"))
         heads = []
         if self.heads:
             for group in groups:
@@ -86,14 +96,16 @@ class Rotation(Pass):
                     _rotate_heads(gm, group, used, r)
                     heads.append({"producer": _path(group.producer.node, ctx.root_prefix),
                                   "consumers": [_path(c, ctx.root_prefix) for c in group.consumers], "block": block})
-        online = _online_hadamards(gm, stream, groups, ctx.root_prefix) if self.online_down_proj else []
+        online = _online_hadamards(gm, values, ctx.root_prefix) if self.online_down_proj else []
         gm.recompile()
-        record = {"kind": self.kind, "seed": self.seed, "hidden": stream.hidden,
-                  "embeddings": [str(n.args[0].target).removeprefix(ctx.root_prefix) for n in stream.embeddings],
-                  "writers": [_path(n, ctx.root_prefix) for n in stream.writers],
-                  "readers": [_path(n, ctx.root_prefix) for n in stream.readers],
+        record = {"kind": self.kind, "seed": self.seed, "residual": stream is not None,
+                  "hidden": stream.hidden if stream else None,
+                  "embeddings": [str(n.args[0].target).removeprefix(ctx.root_prefix)
+                                 for n in (stream.embeddings if stream else ())],
+                  "writers": [_path(n, ctx.root_prefix) for n in (stream.writers if stream else ())],
+                  "readers": [_path(n, ctx.root_prefix) for n in (stream.readers if stream else ())],
                   "norms_fused": fused, "untied": untied, "heads": heads, "online": online}
-        return PassResult(gm, modified=True, stats=record)
+        return PassResult(gm, modified=bool(stream or heads or online), stats=record)
 
     def _matrix(self, n: int, offset: int, what: str) -> Orthogonal:
         try:
@@ -161,34 +173,69 @@ def _rotate_stream(gm, stream, q: Orthogonal) -> None:
         _edit(gm, node, 1, q.apply)
 
 
-def _online_hadamards(gm, stream, groups: list[FoldGroup], prefix: str) -> list[str]:
-    """Put qfx::hadamard before each quantized stream writer whose input does not come from
-    attention, and rotate its weight's columns to match; returns their paths."""
-    from_attention = {c for g in groups if g.block is not None for c in g.consumers}
+def _online_hadamards(gm, values: dict, prefix: str) -> list[str]:
+    """Put qfx::hadamard before each quantized linear whose input is made from other linears'
+    outputs by elementwise ops alone, and rotate its weight's columns to match; returns their
+    paths."""
     done = []
-    for writer in stream.writers:
-        if writer in from_attention or get_quant(writer) is None:
+    for linear in linear_nodes(gm):
+        if get_quant(linear) is None or not _elementwise_of_linears(linear.args[0], values):
             continue
-        n = int(get_tensor(gm, writer.args[1].target).shape[1])
+        n = int(get_tensor(gm, linear.args[1].target).shape[1])
         try:
             hadamard_factors(n)
         except NoHadamardError as exc:
-            raise RotationError(f"the input of {_path(writer, prefix)} has {n} channels: {exc}",
+            raise RotationError(f"the input of {_path(linear, prefix)} has {n} channels: {exc}",
                                 hint="leave out online_down_proj for this model") from None
-        source = writer.args[0]
-        with gm.graph.inserting_before(writer):
+        source = linear.args[0]
+        with gm.graph.inserting_before(linear):
             node = gm.graph.call_function(HADAMARD, (source,))
-        copy_meta(node, writer, "online_rotation", source.meta.get("val"))
-        writer.replace_input_with(source, node)
-        _edit(gm, writer, 1, hadamard_transform)  # W · H / sqrt(n), as the op computes it
-        done.append(_path(writer, prefix))
+        copy_meta(node, linear, "online_rotation", source.meta.get("val"))
+        linear.replace_input_with(source, node)
+        _edit(gm, linear, 1, hadamard_transform)  # W · H / sqrt(n), as the op computes it
+        done.append(_path(linear, prefix))
     return done
 
 
-def online_rotated_layers(gm: torch.fx.GraphModule, root_prefix: str) -> list[str]:
-    """The layers whose input goes through an online Hadamard: qfx::hadamard nodes carry the
-    module of the linear they were put before."""
-    return sorted(_path(n, root_prefix) for n in gm.graph.nodes if n.op == "call_function" and n.target is HADAMARD)
+# Ops that pass values through unchanged or change only their dtype, and ops that take a part
+# of the last dimension (a fused gate_up projection's halves).
+_PASS_THROUGH = {aten.to.dtype, aten.type_as.default, aten._to_copy.default, aten.dropout.default,
+                 aten.clone.default, aten.contiguous.default}
+_LAST_DIM_PARTS = {aten.chunk.default: 2, aten.split.Tensor: 2, aten.split_with_sizes.default: 2,
+                   aten.slice.Tensor: 1}
+
+
+def _elementwise_of_linears(node: torch.fx.Node, values: dict) -> bool:
+    """Whether `node` is computed from linears' outputs (and constants) by elementwise ops and
+    parts of the last dimension only: no norm, attention or other reduction over channels."""
+    stack, seen, linears = [node], set(), 0
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            continue
+        if n.op != "call_function":
+            return False
+        if n.target is LINEAR:
+            linears += 1
+            continue
+        if n.target is operator.getitem or n.target in _PASS_THROUGH or _pointwise(n.target):
+            pass
+        elif n.target in _LAST_DIM_PARTS:
+            ndim = getattr(values.get(n.args[0]), "ndim", None)
+            dim = n.args[_LAST_DIM_PARTS[n.target]] if len(n.args) > _LAST_DIM_PARTS[n.target] else 0
+            if ndim is None or dim % ndim != ndim - 1:
+                return False
+        else:
+            return False
+        stack.extend(n.all_input_nodes)
+    return linears > 0
+
+
+def _pointwise(target) -> bool:
+    return torch.Tag.pointwise in getattr(target, "tags", ())
 
 
 def _heads_used(gm, group: FoldGroup) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ import torch
 from qfx.passes.annotate import LINEAR, linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fold_groups, get_tensor
-from qfx.passes.fold import apply_fold, column_scales, shared_tensors
+from qfx.passes.fold import MULTIPLY, apply_fold, column_scales, multiply_group, shared_tensors
 from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.observe import observer_name
 from qfx.runtime.errors import PassFailure
@@ -84,6 +84,10 @@ class SmoothQuant(Pass):
     produces = frozenset({"smoothed", "calibrated"})
     alpha: str = "auto"  # a number in (0, 1), or auto: searched per group
     rows: int = 256  # activation rows per group input kept for the α search
+    # Where no producer can absorb the factors (a LayerNorm that also feeds a residual, an
+    # activation between two linears): multiply the quantized input by 1/s explicitly, a
+    # `pre_quant_scale` per layer that the artifact's runtime must apply.
+    explicit_multiply: bool = False
 
     def __post_init__(self):
         if self.alpha != "auto":
@@ -108,6 +112,9 @@ class SmoothQuant(Pass):
                 skipped.append(Unfoldable(group.producer, group.consumers, reason))
                 continue
             chosen.append(group)
+        if self.explicit_multiply:
+            multiplied, unmultiplied = _multiply_groups(gm, chosen)
+            chosen, skipped = chosen + multiplied, skipped + unmultiplied
         observers = [gm.get_submodule(n.target) for n in gm.graph.nodes if observer_name(n)]
         for observer in observers:  # whatever they saw before is replaced by this pass's data
             observer.reset()
@@ -179,6 +186,43 @@ def _cannot_edit(gm, group: FoldGroup) -> str | None:
     if quant is not None and quant.fmt.output is not None:
         return "its output is quantized (KV cache), and the fold would change that range"
     return None
+
+
+def _multiply_groups(gm, folded: list[FoldGroup]) -> tuple[list[FoldGroup], list[Unfoldable]]:
+    """One explicit-multiply group per input that quantized linears no fold group reaches read
+    (q/k/v of a post-LN block share theirs), and the inputs left alone with the reason."""
+    covered = {c for g in folded for c in g.consumers}
+    live = _reaching_output(gm)
+    feeds: dict[torch.fx.Node, list] = {}
+    for node in linear_nodes(gm):
+        if _input_format(node) is not None and node not in covered:
+            feeds.setdefault(node.args[0], []).append(node)
+    groups, skipped = [], []
+    for feed, consumers in feeds.items():
+        group = multiply_group(feed, tuple(consumers), int(feed.meta["val"].shape[-1]))
+        if not live.issuperset(consumers):
+            # A BERT pooler under last_hidden_state: the frozen graph drops it, so no artifact
+            # could record its multiply.
+            reason = "the model's output does not depend on it"
+        elif observer_name(feed) and set(feed.users) != set(consumers):
+            reason = "its observer also feeds layers that a fold covers"
+        elif shared := shared_tensors(gm, group):
+            reason = f"{', '.join(shared)} is also read elsewhere (tied weights)"
+        else:
+            groups.append(group)
+            continue
+        skipped.append(Unfoldable(group.producer, group.consumers, reason))
+    return groups, skipped
+
+
+def _reaching_output(gm) -> set:
+    seen, stack = set(), [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
 
 
 def _rescale_observers(gm, group: FoldGroup, s: torch.Tensor, stats: dict) -> list:
@@ -298,6 +342,8 @@ def _fake_quant_weight(w, fmt: TensorFormat | None) -> torch.Tensor:
 
 
 def _describe_producer(producer, prefix: str) -> str:
+    if producer.kind == MULTIPLY:
+        return "explicit multiply"
     if producer.kind == "vector":
         return producer.params[0].removeprefix(prefix)
     return module_path(producer.node, prefix) or producer.node.name
@@ -309,7 +355,8 @@ def _not_folded(gm, chosen: list[FoldGroup], refused: list[Unfoldable], prefix: 
     reasons = {}
     for r in refused:
         for c in r.consumers:
-            reasons.setdefault(c, f"{_describe_producer(r.producer, prefix)} cannot fold: {r.reason}")
+            reasons[c] = (f"no explicit multiply: {r.reason}" if r.producer.kind == MULTIPLY
+                          else reasons.get(c, f"{_describe_producer(r.producer, prefix)} cannot fold: {r.reason}"))
     out = []
     for node in linear_nodes(gm):
         if _input_format(node) is not None and node not in covered:

@@ -51,3 +51,8 @@ class ArtifactError(UserError):
 
 class PassFailure(QfxError):
     """A compiler pass raised or left a broken graph: a qfx fault, with a reproducer."""
+
+
+class QfxWarning(UserWarning):
+    """A build that succeeds with a consequence the user should know of (e.g. an artifact that
+    some consumers cannot run)."""

@@ -13,6 +13,7 @@ import torch
 from qfx.runtime import numerics
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
+from qfx.runtime.quant_linear import PRE_QUANT_SCALE, SCALE_TRANSFORM
 
 ROLES = ("weight", "input", "output")
 
@@ -71,9 +72,11 @@ ARTIFACT_CODE_DTYPE = {QDType.int8: torch.int8, QDType.uint8: torch.uint8, QDTyp
 
 
 def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: int, bias: bool,
-                            float_dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+                            float_dtype: torch.dtype, transforms: tuple[str, ...] = ()
+                            ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """name -> (dtype, shape) of every tensor one layer has in the artifact, as
-    `layer_to_artifact` writes them. Raises ArtifactError if the format cannot fit the layer."""
+    `layer_to_artifact` writes them (with `transforms`, the layer's input transforms). Raises
+    ArtifactError if the format cannot fit the layer."""
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     w = fmt.weight
     if w is None:
@@ -105,16 +108,19 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
                 out[f"{role}_zero_point"] = (ARTIFACT_CODE_DTYPE[tf.dtype], ())
     if bias:
         out["bias"] = (float_dtype, (out_features,))
+    if SCALE_TRANSFORM in transforms:
+        out[PRE_QUANT_SCALE] = (float_dtype, (in_features,))
     return out
 
 
 def check_artifact_layer(tensors: dict[str, torch.Tensor], fmt: LayerFormat, in_features: int,
-                         out_features: int, bias: bool, float_dtype: torch.dtype, where: str) -> None:
+                         out_features: int, bias: bool, float_dtype: torch.dtype, where: str,
+                         transforms: tuple[str, ...] = ()) -> None:
     """Raise ArtifactError naming the first of a layer's artifact tensors (keys 'weight',
     'weight_scale', ...) that is missing, extra, of the wrong dtype or shape for `fmt` and the
     layer's features, or a scale that is not finite and positive. Unpacking and running a layer
     with such tensors fails deep inside torch, or silently computes garbage."""
-    expected = expected_artifact_layer(fmt, in_features, out_features, bias, float_dtype)
+    expected = expected_artifact_layer(fmt, in_features, out_features, bias, float_dtype, transforms)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ArtifactError(f"layer {where} has {'no ' + ', '.join(missing) if missing else ''}"

@@ -179,12 +179,13 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
         prefix = layer_path + "."
         layer = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
                  if k.startswith(prefix) and "." not in k[len(prefix):]}
+        transforms = _input_transforms(record, layer_path, folder)
         check_artifact_layer(layer, fmt, linear.in_features, linear.out_features, linear.bias is not None,
-                             linear.weight.dtype, layer_path)
+                             linear.weight.dtype, layer_path, transforms)
         layer = layer_from_artifact(layer, fmt)
         quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt)
         quant.path = layer_path
-        quant.input_transform = _input_transform(record, layer_path, folder)
+        quant.input_transforms = transforms
         for name, value in layer.items():
             if name in ("weight", "bias") and name in quant._parameters:
                 quant._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
@@ -208,13 +209,14 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
     return model.eval()
 
 
-def _input_transform(record: dict, layer_path: str, folder: Path) -> str | None:
-    transform = record.get("input_transform")
-    if transform is not None and transform not in INPUT_TRANSFORMS:
-        raise ArtifactError(f"layer {layer_path} of {MANIFEST_FILE} has input_transform {transform!r}, which this "
+def _input_transforms(record: dict, layer_path: str, folder: Path) -> tuple[str, ...]:
+    transforms = record.get("input_transforms", [])
+    unknown = [t for t in transforms if t not in INPUT_TRANSFORMS]
+    if not isinstance(transforms, list) or unknown:
+        raise ArtifactError(f"layer {layer_path} of {MANIFEST_FILE} has input_transforms {transforms!r}, which this "
                             f"qfx does not know (it knows {', '.join(INPUT_TRANSFORMS)})", where=str(folder),
                             hint="load it with the qfx version that built it")
-    return transform
+    return tuple(transforms)
 
 
 def _check_tied(model: torch.nn.Module, tied: dict[str, str], path: Path) -> None:

@@ -25,10 +25,14 @@ def qdq_activation(x: torch.Tensor, fmt: TensorFormat, scale: torch.Tensor | Non
     return ops.dequantize(codes, scale, zero_point, fmt.dtype.value, 0, 0, x.dtype)
 
 
-# The transforms a layer may apply to its input before quantizing it (manifest: input_transform),
-# and the config.json key that lists the layers with one.
+# The transforms a layer may apply to its input before quantizing it, in the order the manifest's
+# `input_transforms` lists them: an online Hadamard (a rotation pass's R4), and a multiply by the
+# layer's stored `pre_quant_scale` vector (SmoothQuant's factors where no producer absorbs them).
+# config.json lists the layers with each under ONLINE_CONFIG_KEY.
 HADAMARD_TRANSFORM = "hadamard"
-INPUT_TRANSFORMS = (HADAMARD_TRANSFORM,)
+SCALE_TRANSFORM = "scale"
+INPUT_TRANSFORMS = (HADAMARD_TRANSFORM, SCALE_TRANSFORM)
+PRE_QUANT_SCALE = "pre_quant_scale"
 ONLINE_CONFIG_KEY = "qfx_online_transforms"
 
 SAME_VALUE_TOLERANCE = 1e-6  # of the tensor's largest magnitude: far below any step between codes
@@ -73,7 +77,7 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fmt, self.dtype = in_features, out_features, fmt, dtype
         self.path = ""  # the layer's module path in the model (set by the loader)
-        self.input_transform: str | None = None  # one of INPUT_TRANSFORMS (set by the loader)
+        self.input_transforms: tuple[str, ...] = ()  # of INPUT_TRANSFORMS, in order (set by the loader)
         if fmt.weight is None:
             self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                              requires_grad=False)
@@ -82,8 +86,8 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
-        if self.input_transform == HADAMARD_TRANSFORM:
-            x = ops.hadamard(x)
+        for transform in self.input_transforms:
+            x = ops.hadamard(x) if transform == HADAMARD_TRANSFORM else x * getattr(self, PRE_QUANT_SCALE)
         if fmt.input is not None:
             x = _maybe_forced(qdq_activation(x, fmt.input, getattr(self, "input_scale", None),
                                              getattr(self, "input_zero_point", None)), self.path, "input")
@@ -100,5 +104,5 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{k}={v.describe()}" for k, v in self.fmt.tensors.items())
-        transform = f", input_transform={self.input_transform}" if self.input_transform else ""
+        transform = f", input_transforms={','.join(self.input_transforms)}" if self.input_transforms else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {parts}{transform}"
