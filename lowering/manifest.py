@@ -70,10 +70,13 @@ def _smoothquant_section(record: dict | None, pictures: list[str]) -> list[str]:
 def _rotation_section(record: dict | None) -> list[str]:
     if not record:
         return []
-    lines = ["## Rotation", "",
-             f"- residual stream (R1): {record['kind']} (seed {record['seed']}) of order {record['hidden']}, folded into "
-             f"{len(record['embeddings'])} embedding(s), {len(record['writers'])} linears writing the stream and "
-             f"{len(record['readers'])} reading it; {len(record['norms_fused'])} norm weights fused into their readers"]
+    lines = ["## Rotation", "", f"- kind: {record['kind']} (seed {record['seed']})"]
+    if record["residual"]:
+        lines.append(f"- residual stream (R1) of order {record['hidden']}, folded into {len(record['embeddings'])} "
+                     f"embedding(s), {len(record['writers'])} linears writing the stream and {len(record['readers'])} "
+                     f"reading it; {len(record['norms_fused'])} norm weights fused into their readers")
+    else:
+        lines.append("- residual stream (R1): not rotated (residual: false)")
     if record["untied"]:
         lines.append(f"- untied: {', '.join(f'`{t}`' for t in record['untied'])} (config.json: "
                      "tie_word_embeddings false)")

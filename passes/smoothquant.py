@@ -7,6 +7,11 @@ the activations the quantizer sees lose their outliers. With `alpha=auto` each g
 the α of a grid that minimizes its consumers' quantized output error on rows sampled from
 the calibration data (the layer's own formats); a group no α improves stays as it was.
 
+With `explicit_multiply`, the quantized inputs no group reaches (a post-LN LayerNorm that also
+feeds a residual, an activation between two linears) form groups of their own whose "producer"
+is an explicit multiply by 1/s inserted before their observer (passes/fold.py): searched and
+recorded the same way, run at inference from each layer's stored `pre_quant_scale`.
+
 It runs after `observe` and is the calibration: one pass over the data feeds the observers
 and per-channel statistics of every group input. A min-max observer's range after the fold
 follows exactly from those statistics (min_j lo_j / s_j, max_j hi_j / s_j); observers whose

@@ -264,7 +264,9 @@ def test_explicit_multiplies_reach_the_artifact_the_runtime_and_onnx(tmp_path):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert sorted(config["qfx_online_transforms"]["scale"]) == sorted(p for p in layers if "scale" in
                                                                      layers[p].get("input_transforms", []))
-    assert "| hadamard, then scale, then int8 per_tensor" in (tmp_path / "a" / "report.md").read_text()
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| hadamard, then scale, then int8 per_tensor" in report
+    assert "residual stream (R1): not rotated (residual: false)" in report and "(multiply)" in report
     assert manifest["verify"]["output_rel_error"] < 1e-5  # ONNX Runtime multiplies too (measured 4e-7)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -296,6 +296,13 @@ CASES: dict[str, Case] = {
         lambda f: edit_manifest(f, lambda m: m["layers"][LAYER]["format"]["input"].__setitem__(
             "granularity", "per_channel")),
         rf"gives layer {LAYER} a format qfx cannot run: input is int8 per_channel", ("load", "verify")),
+    "input-transform-unknown": Case(
+        lambda f: edit_manifest(f, lambda m: m["layers"][LAYER].__setitem__("input_transforms", ["rotate"])),
+        rf"layer {LAYER} of manifest\.json has input_transforms \['rotate'\], which this qfx does not know",
+        ("load",)),
+    "scale-transform-without-its-factors": Case(
+        lambda f: edit_manifest(f, lambda m: m["layers"][LAYER].__setitem__("input_transforms", ["scale"])),
+        rf"layer {LAYER} has no pre_quant_scale for its format", ("load",)),
     "manifest-lists-a-file-outside": Case(
         lambda f: edit_manifest(f, lambda m: m["artifact"].__setitem__("../../etc/passwd", "0" * 64)),
         r"lists '\.\./\.\./etc/passwd', which is not a file name inside the artifact", ("load", "inspect")),
