@@ -181,7 +181,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
                 if (rotation := ctx.stats.get(Rotation.name)) is not None:
-                    header["rotation"] = {k: v for k, v in rotation.items() if k not in ("modified", "seconds")}
+                    header["rotation"] = {k: v for k, v in rotation.items()
+                                          if k not in ("modified", "seconds", "channel_max")}
                 folds = ctx.stats.get(SmoothQuant.name)
                 if folds is not None:  # the per-channel maxima go to the pictures only
                     header["smoothquant"] = {"groups": [{k: v for k, v in g.items() if k != "channel_max"}
@@ -189,7 +190,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
-                                 ctx.float_weights, folds)
+                                 ctx.float_weights, folds, ctx.stats.get(Rotation.name))
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
@@ -319,7 +320,8 @@ def _warn_of_input_transforms(layers: dict) -> None:
 
 
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
-          model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None) -> dict:
+          model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None,
+          rotation: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
         return float_weights.get(path)
 
@@ -329,7 +331,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx, folds=folds)
+            onnx=onnx, folds=folds, rotation=rotation)
         _warn_of_input_transforms(manifest["layers"])
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None

@@ -87,11 +87,11 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
-                  folds: dict | None = None) -> dict:
+                  folds: dict | None = None, rotation: dict | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
-    records, pictured in PNGs that report.md shows."""
+    records and `rotation` the rotation pass's, pictured in PNGs that report.md shows."""
     transforms = input_transforms(gm, root_prefix)
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
@@ -103,6 +103,10 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         from qfx.lowering.plots import write_fold_plots  # matplotlib loads only when there is a picture
 
         files += write_fold_plots(folder, folds["groups"])
+    if rotation is not None and rotation.get("channel_max"):
+        from qfx.lowering.plots import write_rotation_plot
+
+        files += write_rotation_plot(folder, rotation["channel_max"])
     if hf_config is not None:
         config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
         if config.get("tie_word_embeddings") and not aliases:  # a fold untied the head from the embedding

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qfx.lowering.plots import CHANNELS_PNG, LAYERS_PNG, ROTATION_PNG
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, LayerQuant
 from qfx.runtime.hashing import MANIFEST_HASH_KEY, canonical_json, manifest_sha256
@@ -67,7 +68,7 @@ def _smoothquant_section(record: dict | None, pictures: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _rotation_section(record: dict | None) -> list[str]:
+def _rotation_section(record: dict | None, pictures: list[str]) -> list[str]:
     if not record:
         return []
     lines = ["## Rotation", "", f"- kind: {record['kind']} (seed {record['seed']})"]
@@ -86,6 +87,8 @@ def _rotation_section(record: dict | None) -> list[str]:
     if record["online"]:
         lines.append(f"- online Hadamard (R4) before {', '.join(f'`{p}`' for p in record['online'])}: runs in "
                      "qfx.runtime and ONNX; Quark-format loaders (vLLM, transformers through amd-quark) do not run it")
+    if ROTATION_PNG in pictures:
+        lines += ["", f"![{ROTATION_PNG.removesuffix('.png')}]({ROTATION_PNG})"]
     return lines + [""]
 
 
@@ -115,8 +118,8 @@ def render_report(manifest: dict) -> str:
                   f"{100 * verify['activation_values_differing']:.4g}%; running free, relative error "
                   f"{verify['free_running_rel_error']:.3g}", ""]
     pictures = [name for name in manifest.get("artifact", {}) if name.endswith(".png")]
-    lines += _rotation_section(manifest.get("rotation"))
-    lines += _smoothquant_section(manifest.get("smoothquant"), pictures)
+    lines += _rotation_section(manifest.get("rotation"), pictures)
+    lines += _smoothquant_section(manifest.get("smoothquant"), [p for p in pictures if p in (LAYERS_PNG, CHANNELS_PNG)])
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
     for path, rec in manifest["layers"].items():

@@ -1,9 +1,10 @@
 """The report's pictures of the folds (PNG, matplotlib without pyplot's global state).
 
-Two figures: per layer, weight SQNR and quantized output error without and with the fold;
-and the per-channel activation maximum of one group's input before and after smoothing,
-for the group whose input had the strongest outliers (largest max / median): the picture
-that shows whether the outliers were tamed.
+For smoothquant, two figures: per layer, weight SQNR and quantized output error without and
+with the fold; and the per-channel activation maximum of one group's input before and after
+smoothing, for the group whose input had the strongest outliers (largest max / median). For
+rotation, the per-channel maximum of the quantized input with the strongest outliers before
+and after rotating. These are the pictures that show whether the outliers were tamed.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 LAYERS_PNG = "folds_layers.png"
 CHANNELS_PNG = "folds_channels.png"
+ROTATION_PNG = "rotation_channels.png"
 
 
 def write_fold_plots(folder: Path, groups: list[dict]) -> list[str]:
@@ -19,6 +21,22 @@ def write_fold_plots(folder: Path, groups: list[dict]) -> list[str]:
     _layers_figure(groups).savefig(folder / LAYERS_PNG, dpi=110)
     _channels_figure(groups).savefig(folder / CHANNELS_PNG, dpi=110)
     return [LAYERS_PNG, CHANNELS_PNG]
+
+
+def write_rotation_plot(folder: Path, channel_max: dict) -> list[str]:
+    """Write ROTATION_PNG from the rotation pass's `channel_max` record; return its name."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.semilogy(channel_max["before"], ".", markersize=3, label="before rotation")
+    ax.semilogy(channel_max["after"], ".", markersize=3, label="after")
+    ax.set_xlabel("input channel")
+    ax.set_ylabel("max |activation| (first calibration tokens)")
+    ax.set_title(f"Input of {channel_max['layer']}", fontsize=8)
+    ax.legend()
+    fig.savefig(folder / ROTATION_PNG, dpi=110)
+    return [ROTATION_PNG]
 
 
 def _layers_figure(groups: list[dict]):

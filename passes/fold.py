@@ -100,7 +100,14 @@ def _scale_columns(gm: torch.fx.GraphModule, group: FoldGroup, s: torch.Tensor) 
     """Multiply each consumer's input columns by s of the producer channel they carry."""
     for consumer, t in zip(group.consumers, column_scales(group, s)):
         target = consumer.args[1].target
-        set_tensor(gm, target, get_tensor(gm, target).double() * t)
+        w = get_tensor(gm, target)
+        narrow = t.to(w.dtype)
+        if w.dtype in (torch.float32, torch.float64) and torch.equal(narrow.double(), t):
+            # The factors are exact in w's dtype (a norm's weight): one rounded multiply there
+            # gives the same bits as float64 and one rounding, without widening the weight.
+            set_tensor(gm, target, w * narrow)
+        else:
+            set_tensor(gm, target, w.double() * t)
 
 
 def untie(gm: torch.fx.GraphModule, node: torch.fx.Node, root_prefix: str) -> list[str]:

@@ -71,6 +71,8 @@ class Rotation(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         if ctx.example is None:
             raise RuntimeError("rotation needs an example input in the pass context")
+        quantized = [n for n in linear_nodes(gm) if get_quant(n) is not None]
+        before = _input_max(gm, ctx.example, quantized)
         stream, untied, fused = None, [], []
         if self.residual:
             untied = _untie_embeddings(gm, ctx.root_prefix)
@@ -98,13 +100,19 @@ class Rotation(Pass):
                                   "consumers": [_path(c, ctx.root_prefix) for c in group.consumers], "block": block})
         online = _online_hadamards(gm, values, ctx.root_prefix) if self.online_down_proj else []
         gm.recompile()
+        # For the report's picture: the quantized input with the strongest outliers, after.
+        shown = max(before, key=lambda n: _outlier_ratio(before[n]), default=None)
+        channel_max = None if shown is None else {
+            "layer": _path(shown, ctx.root_prefix), "before": before[shown].tolist(),
+            "after": _input_max(gm, ctx.example, [shown])[shown].tolist()}
         record = {"kind": self.kind, "seed": self.seed, "residual": stream is not None,
                   "hidden": stream.hidden if stream else None,
                   "embeddings": [str(n.args[0].target).removeprefix(ctx.root_prefix)
                                  for n in (stream.embeddings if stream else ())],
                   "writers": [_path(n, ctx.root_prefix) for n in (stream.writers if stream else ())],
                   "readers": [_path(n, ctx.root_prefix) for n in (stream.readers if stream else ())],
-                  "norms_fused": fused, "untied": untied, "heads": heads, "online": online}
+                  "norms_fused": fused, "untied": untied, "heads": heads, "online": online,
+                  "channel_max": channel_max}  # not kept in the manifest
         return PassResult(gm, modified=bool(stream or heads or online), stats=record)
 
     def _matrix(self, n: int, offset: int, what: str) -> Orthogonal:
@@ -112,6 +120,31 @@ class Rotation(Pass):
             return orthogonal(n, self.kind, self.seed + offset)
         except NoHadamardError as exc:
             raise RotationError(f"{what} is {n}: {exc}", hint="use rotation kind: random, which has every size") from None
+
+
+class _InputMax(torch.fx.Interpreter):
+    """Runs the graph, recording the per-channel max |input| of the linears asked for."""
+
+    def __init__(self, gm: torch.fx.GraphModule, linears: list[torch.fx.Node]):
+        super().__init__(gm)
+        self.linears, self.found = set(linears), {}
+
+    def run_node(self, n: torch.fx.Node):
+        if n in self.linears:
+            x = self.env[n.args[0]].detach()
+            self.found[n] = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        return super().run_node(n)
+
+
+def _input_max(gm, example: tuple, linears: list[torch.fx.Node]) -> dict[torch.fx.Node, torch.Tensor]:
+    recorder = _InputMax(gm, linears)
+    with torch.no_grad():
+        recorder.run(*example)
+    return recorder.found
+
+
+def _outlier_ratio(channel_max: torch.Tensor) -> float:
+    return float(channel_max.max() / channel_max.median().clamp(min=1e-30))
 
 
 def _path(node: torch.fx.Node, prefix: str) -> str:

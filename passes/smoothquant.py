@@ -142,7 +142,7 @@ class SmoothQuant(Pass):
 
     def _smooth(self, gm, group: FoldGroup, stats: dict, prefix: str) -> tuple[dict, torch.Tensor | None]:
         inputs = [stats[c.args[0]] for c in group.consumers]
-        weights = [get_tensor(gm, c.args[1].target).detach().double() for c in group.consumers]
+        weights = [get_tensor(gm, c.args[1].target).detach().float() for c in group.consumers]
         x_max, w_max = _channel_max(group, inputs, weights)
         consumers = [_Consumer(c, stat, w, self.rows) for c, stat, w in zip(group.consumers, inputs, weights)]
         usable = group.foldable & (x_max > 0) & (w_max > 0)
@@ -151,22 +151,30 @@ class SmoothQuant(Pass):
             s = (x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)).clamp(S_MIN, S_MAX)
             return torch.where(usable, s, torch.ones((), dtype=torch.float64))
 
-        errors = {None: _group_errors(group, consumers, torch.ones_like(x_max))}
+        errors: dict = {}
+
+        def evaluate(a: float | None) -> None:
+            errors[a] = _group_errors(group, consumers, torch.ones_like(x_max) if a is None else scales(a), a)
+            best = min((b for b in errors if b is not None), key=lambda b: _group_error(errors[b]), default=None)
+            for c in consumers:  # the weight SQNR is reported for these two only
+                c.keep({None, best})
+
+        evaluate(None)
         candidates = ALPHA_COARSE if self.alpha == "auto" else (float(self.alpha),)
-        errors.update({a: _group_errors(group, consumers, scales(a)) for a in candidates})
+        for a in candidates:
+            evaluate(a)
         if self.alpha == "auto":
             best = min(candidates, key=lambda a: _group_error(errors[a]))
             for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
                 if 0 < a < 1:
-                    errors[a] = _group_errors(group, consumers, scales(a))
+                    evaluate(a)
         alpha = min((a for a in errors if a is not None), key=lambda a: _group_error(errors[a]))
         if self.alpha == "auto" and _group_error(errors[alpha]) >= _group_error(errors[None]):
             alpha = None  # no α helps this group: leave it as it is
         chosen = torch.ones_like(x_max) if alpha is None else scales(alpha)
         if alpha is not None:
             apply_fold(gm, group, chosen)
-        sqnr = {a: [c.weight_sqnr(t) for c, t in zip(consumers, column_scales(group, s))]
-                for a, s in ((None, torch.ones_like(x_max)), (alpha, chosen))}
+        sqnr = {a: [c.weight_sqnr(a) for c in consumers] for a in (None, alpha)}
         layers = {module_path(c.node, prefix): {
             "error": [round(errors[a][i], 6) for a in (None, alpha)],
             "weight_sqnr_db": [_round(sqnr[a][i]) for a in (None, alpha)]} for i, c in enumerate(consumers)}
@@ -285,7 +293,7 @@ def _channel_max(group: FoldGroup, inputs: list[ChannelStats], weights: list[tor
         cols = m >= 0
         x_col = torch.maximum(-stat.lo, stat.hi).double()
         x_max.scatter_reduce_(0, m[cols], x_col[cols], "amax")
-        w_max.scatter_reduce_(0, m[cols], w.abs().amax(dim=0)[cols], "amax")
+        w_max.scatter_reduce_(0, m[cols], w.abs().amax(dim=0).double()[cols], "amax")
     return x_max, w_max
 
 
@@ -301,24 +309,29 @@ class _Consumer:
         self.energy = sum_squares(self.ref)
         self.fmt_in = quant.fmt.input if quant else None
         self.fmt_w = quant.fmt.weight if quant else None
+        self._weights: dict = {}  # α -> (weight with its column factors, fake-quantized)
 
-    def error(self, t: torch.Tensor) -> float:
-        """With column factors t: the quantized output's error relative to the float output."""
+    def error(self, t: torch.Tensor, key) -> float:
+        """With column factors t (those of α `key`): the quantized output's error relative to the
+        float output."""
         xq = _fake_quant_input(self.x / t.float(), (self.lo / t).min(), (self.hi / t).max(), self.fmt_in)
-        wq = _fake_quant_weight(self.w * t.float(), self.fmt_w)
+        w = self.w * t.float()
+        wq = _fake_quant_weight(w, self.fmt_w)
+        self._weights[key] = (w, wq)
         return sum_squares(xq @ wq.T - self.ref) / max(self.energy, 1e-30)
 
-    def weight_sqnr(self, t: torch.Tensor) -> float | None:
-        """With column factors t: the weight's SQNR (None when the weight stays float); asked
-        only for the α kept, not for every one tried."""
-        if self.fmt_w is None:
-            return None
-        w = self.w * t.float()
-        return sqnr_db(w, _fake_quant_weight(w, self.fmt_w))
+    def keep(self, keys: set) -> None:
+        """Drop the weights of every α tried but those in `keys` (the baseline and the best so
+        far, whose SQNR is reported): keeping all would take that many copies of memory."""
+        self._weights = {k: v for k, v in self._weights.items() if k in keys}
+
+    def weight_sqnr(self, key) -> float | None:
+        """The SQNR of the weight with α `key`'s factors (None when the weight stays float)."""
+        return None if self.fmt_w is None else sqnr_db(*self._weights[key])
 
 
-def _group_errors(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor) -> list[float]:
-    return [c.error(t) for c, t in zip(consumers, column_scales(group, s))]
+def _group_errors(group: FoldGroup, consumers: list[_Consumer], s: torch.Tensor, key) -> list[float]:
+    return [c.error(t, key) for c, t in zip(consumers, column_scales(group, s))]
 
 
 def _group_error(errors: list[float]) -> float:

@@ -257,6 +257,9 @@ def test_built_artifact_records_the_rotation_and_unties_the_head(built_specs):
     report = (result.artifact_dir / "report.md").read_text()
     assert "## Rotation" in report and "Quark-format loaders (vLLM, transformers through amd-quark) do not" in report
     assert "| hadamard, then int8 per_tensor" in report  # the layer table shows the online transform
+    png = result.artifact_dir / "rotation_channels.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "rotation_channels.png" in manifest["artifact"]
+    assert "](rotation_channels.png)" in report and "channel_max" not in rotation
 
 
 def test_rotation_tames_outlier_channels():
@@ -266,8 +269,12 @@ def test_rotation_tames_outlier_channels():
         reference = model(input_ids=ids, use_cache=False).logits
     errors = {}
     for name, algorithms in (("plain", []), ("rotation", [{"rotation": {}}])):
-        graph = qfx.compile(model, dict(ROT_SPEC, algorithms=algorithms)).graph
+        result = qfx.compile(model, dict(ROT_SPEC, algorithms=algorithms))
         with torch.no_grad():
-            errors[name] = float((graph(ids) - reference).norm() / reference.norm())
+            errors[name] = float((result.graph(ids) - reference).norm() / reference.norm())
     print(f"outlier small Llama, logits relative error: {errors}")
     assert errors["rotation"] < 0.5 * errors["plain"], errors  # measured 0.089 vs 0.200 (AVX2)
+    shown = result.stats["rotation"]["channel_max"]  # the report's picture: the worst input, before and after
+    ratio = {k: max(shown[k]) / sorted(shown[k])[len(shown[k]) // 2] for k in ("before", "after")}
+    print(f"{shown['layer']}: max / median channel {ratio}")
+    assert ratio["before"] > 20 and ratio["after"] < 5, ratio  # measured 67 -> 1.5
