@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Callable
 
 import torch
 import torch.fx
@@ -87,9 +88,11 @@ class Unfoldable:
     reason: str
 
 
-def concrete_values(gm: torch.fx.GraphModule, example: tuple) -> dict[torch.fx.Node, object]:
+def concrete_values(gm: torch.fx.GraphModule, example: tuple,
+                    inspect: Callable[[torch.fx.Node, object], None] | None = None) -> dict[torch.fx.Node, object]:
     """Each node's result on `example`, with tensors reduced to empty tensors of their shape
-    and dtype (the analysis needs shapes and integer arguments, not values)."""
+    and dtype (the analysis needs shapes and integer arguments, not values). `inspect`, if
+    given, sees each node's full result first."""
     recorded: dict[torch.fx.Node, object] = {}
 
     def keep(value):
@@ -104,6 +107,8 @@ def concrete_values(gm: torch.fx.GraphModule, example: tuple) -> dict[torch.fx.N
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             result = super().run_node(n)
+            if inspect is not None:
+                inspect(n, result)
             recorded[n] = keep(result)
             return result
 

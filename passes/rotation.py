@@ -71,12 +71,17 @@ class Rotation(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         if ctx.example is None:
             raise RuntimeError("rotation needs an example input in the pass context")
-        quantized = [n for n in linear_nodes(gm) if get_quant(n) is not None]
-        before = _input_max(gm, ctx.example, quantized)
         stream, untied, fused = None, [], []
         if self.residual:
             untied = _untie_embeddings(gm, ctx.root_prefix)
-        values = concrete_values(gm, ctx.example)
+        inputs = {n.args[0]: n for n in reversed(linear_nodes(gm)) if get_quant(n) is not None}
+        before = {}  # quantized linear -> its input's per-channel max |x|, for the report's picture
+
+        def record_input(node, value):
+            if node in inputs:
+                before[inputs[node]] = _channel_max(value)
+
+        values = concrete_values(gm, ctx.example, record_input)
         if self.residual:
             vectors = {p.node for p in producers(gm) if p.kind == "vector"}
             try:
@@ -104,7 +109,7 @@ class Rotation(Pass):
         shown = max(before, key=lambda n: _outlier_ratio(before[n]), default=None)
         channel_max = None if shown is None else {
             "layer": _path(shown, ctx.root_prefix), "before": before[shown].tolist(),
-            "after": _input_max(gm, ctx.example, [shown])[shown].tolist()}
+            "after": _input_max(gm, ctx.example, shown).tolist()}
         record = {"kind": self.kind, "seed": self.seed, "residual": stream is not None,
                   "hidden": stream.hidden if stream else None,
                   "embeddings": [str(n.args[0].target).removeprefix(ctx.root_prefix)
@@ -122,25 +127,36 @@ class Rotation(Pass):
             raise RotationError(f"{what} is {n}: {exc}", hint="use rotation kind: random, which has every size") from None
 
 
-class _InputMax(torch.fx.Interpreter):
-    """Runs the graph, recording the per-channel max |input| of the linears asked for."""
+def _channel_max(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
 
-    def __init__(self, gm: torch.fx.GraphModule, linears: list[torch.fx.Node]):
+
+class _Found(Exception):
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value  # not in args: torch.fx's Interpreter rewrites those
+
+
+class _InputMax(torch.fx.Interpreter):
+    """Runs the graph up to `linear`, for the per-channel max |x| of its input."""
+
+    def __init__(self, gm: torch.fx.GraphModule, linear: torch.fx.Node):
         super().__init__(gm)
-        self.linears, self.found = set(linears), {}
+        self.linear = linear
 
     def run_node(self, n: torch.fx.Node):
-        if n in self.linears:
-            x = self.env[n.args[0]].detach()
-            self.found[n] = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        if n is self.linear:
+            raise _Found(_channel_max(self.env[n.args[0]]))
         return super().run_node(n)
 
 
-def _input_max(gm, example: tuple, linears: list[torch.fx.Node]) -> dict[torch.fx.Node, torch.Tensor]:
-    recorder = _InputMax(gm, linears)
-    with torch.no_grad():
-        recorder.run(*example)
-    return recorder.found
+def _input_max(gm, example: tuple, linear: torch.fx.Node) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            _InputMax(gm, linear).run(*example)
+    except _Found as found:
+        return found.value
+    raise AssertionError(f"{linear.name} is not in the graph")
 
 
 def _outlier_ratio(channel_max: torch.Tensor) -> float:

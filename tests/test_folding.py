@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import needs_shared
+from conftest import minilm_dir, needs_minilm, needs_shared
 from families import captured, family_model, outlier_llama
 
 import qfx
@@ -281,4 +281,27 @@ def test_smoothquant_multiplies_explicitly_only_when_asked():
     assert [g["consumers"] for g in result.stats["smoothquant"]["groups"]] == [["up"], ["down"]]
     assert result.stats["smoothquant"]["not_folded"] == []
     assert result.stats["check"]["rel_error"] < 0.05
+
+
+# MiniLM (post-LN BERT): rotation's R2 and R4, then SmoothQuant's folds (value -> attention output)
+# and explicit multiplies everywhere else, through qfx.compile up to calibration: measured 4.3e-7.
+@needs_minilm
+def test_rotation_and_smoothquant_on_minilm_are_exact():
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_dir()).eval()
+    spec = {"version": 1, "calibration": {"synthetic": True, "samples": 4, "seq_len": 32},
+            "quantization": {"preset": "w8a8-int8"}}
+    result = qfx.compile(model, spec, pipeline="annotate,rotation{residual=false,online_down_proj=true},observe,"
+                                                "smoothquant{alpha=0.5,explicit_multiply=true}")
+    kinds = [g["kind"] for g in result.stats["smoothquant"]["groups"]]
+    assert kinds.count("linear") == 6 and kinds.count("multiply") == 18  # per layer: v->o; q/k/v, FFN in, out
+    assert len(result.stats["rotation"]["online"]) == len(result.stats["rotation"]["heads"]) == 6
+    ids = torch.randint(0, 30000, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        error = float((result.graph(ids, mask) - reference).norm() / reference.norm())
+    print(f"MiniLM rotated and smoothed: relative error {error:.2e}")
+    assert error <= 1e-5, error
 

