@@ -50,7 +50,9 @@ class TensorScheme(_Model):
     group_size: int | None = Field(default=None, ge=2, description="elements per group along K (per_group)")
     symmetric: bool = True
     observer: ObserverKind | None = Field(
-        default=None, description="activation range estimator; default minmax (per_token takes none)")
+        default=None, description="range estimator: activations minmax (default), moving_average or "
+                                  "percentile (per_token takes none); weights minmax (default) or mse (each "
+                                  "channel or group clipped to its least squared error)")
     reduce_range: bool = Field(
         default=False, description="int8 weights in 7 bits (-64..63): ONNX Runtime's fast uint8 x int8 "
                                    "kernels are then exact on x86 CPUs without VNNI; costs about 6 dB of weight SQNR")
@@ -70,9 +72,9 @@ class TensorScheme(_Model):
             raise ValueError("fp8_e4m3 has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
-        if self.observer in (ObserverKind.mse, ObserverKind.histogram):
-            raise ValueError(f"observer {self.observer.value} is reserved but not available yet; "
-                             "use minmax, moving_average or percentile")
+        if self.observer is ObserverKind.histogram:
+            raise ValueError("observer histogram is reserved but not available yet; use minmax, moving_average "
+                             "or percentile (or mse for weights)")
         return self
 
 
@@ -353,9 +355,12 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
     if role == "weight":
         if g is Granularity.per_token:
             return "per_token is for activations; weights take per_tensor, per_channel or per_group"
-        if scheme.observer is not None and scheme.observer is not ObserverKind.minmax:
-            return "weights take their range from the tensor itself: remove `observer` (or use minmax)"
+        if scheme.observer not in (None, ObserverKind.minmax, ObserverKind.mse):
+            return ("weights take their range from the tensor itself: use minmax, or mse (each channel or "
+                    "group clipped to its least squared error)")
         return None
+    if scheme.observer is ObserverKind.mse:
+        return "observer mse is for weights; activations take minmax, moving_average or percentile"
     if scheme.reduce_range:
         return "reduce_range applies to weights; activations keep the full int8 range"
     if scheme.dtype in (DType.int4, DType.uint4):

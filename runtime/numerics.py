@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qfx.runtime.formats import Granularity, QDType, TensorFormat
+from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
 
 # Smallest scale we emit: keeps all-zero tensors finite without changing any real range.
 MIN_SCALE = 1e-12
@@ -95,9 +95,38 @@ def weight_range(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torc
     raise ValueError(f"{fmt.granularity.value} is not a weight granularity")
 
 
+# `observer: mse` for weights: the range of each channel (or group) shrunk by the ratio of this
+# grid that minimizes that channel's quantization MSE; 1.0 (min-max) is a candidate, so no
+# channel gets a larger error than min-max gives it.
+MSE_CLIP_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(51))  # 1.00, 0.99, ..., 0.50
+
+
 def weight_qparams(w: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """RTN's scale and zero point of a [out, in] weight: its min-max range at fmt's granularity."""
-    return qparams_from_range(*weight_range(w, fmt), fmt)
+    """RTN's scale and zero point of a [out, in] weight: its min-max range at fmt's granularity,
+    clipped per channel or group to the least squared error for `observer: mse`."""
+    lo, hi = weight_range(w, fmt)
+    if fmt.observer is ObserverKind.mse:
+        lo, hi = _mse_range(w, lo, hi, fmt)
+    return qparams_from_range(lo, hi, fmt)
+
+
+def _mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.float()
+    axis = weight_axis(fmt)
+    best = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for ratio in MSE_CLIP_RATIOS:
+        scale, zero_point = qparams_from_range(lo * ratio, hi * ratio, fmt)
+        error = (fake_quantize(w, scale, zero_point, fmt.dtype, axis, fmt.group_size) - w).square_()
+        if fmt.granularity is Granularity.per_group:
+            error = error.reshape(*lo.shape, fmt.group_size).sum(dim=-1)
+        else:
+            error = error.sum(dim=1) if fmt.granularity is Granularity.per_channel else error.sum()
+        better = error < best
+        best = torch.where(better, error, best)
+        best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
+    return best_lo, best_hi
 
 
 def quantize_weight(w: torch.Tensor, fmt: TensorFormat):

@@ -166,3 +166,31 @@ def test_artifact_of_an_in_memory_module_reloads_given_its_architecture(tmp_path
     reloaded = qfx.runtime.load(result.artifact_dir, model=tiny_mlp(seed=1)[0])
     x = torch.randn(3, 32)
     assert torch.equal(reloaded(x), result.graph(x))
+
+
+def test_mse_weights_clip_each_group_and_beat_min_max(tmp_path):
+    rules = [{"match": "*", "weight": {"observer": "mse"}}]
+    plain = qfx.compile(spec=tiny_spec(preset="w4a16-g32", exclude=["lm_head"]))
+    mse = qfx.compile(spec=tiny_spec(preset="w4a16-g32", exclude=["lm_head"], rules=rules), output_dir=tmp_path / "a")
+    print(f"tiny Llama W4A16 g32: relative error min-max {plain.stats['check']['rel_error']:.4f}, "
+          f"mse {mse.stats['check']['rel_error']:.4f}")
+    assert mse.stats["check"]["rel_error"] < plain.stats["check"]["rel_error"]
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    layer = manifest["layers"]["model.layers.0.mlp.up_proj"]
+    assert layer["format"]["weight"]["observer"] == "mse"
+    # clipped: every group's scale is at most min-max's
+    assert layer["weight_scale_range"][1] <= plain.graph.state_dict()[
+        "hf.model.layers.0.mlp.up_proj.weight_scale"].max().item() + 1e-12
+    equal, diff = reload_matches_graph(mse, (torch.randint(0, 256, (1, 8)),))
+    assert equal, diff
+
+
+@pytest.mark.parametrize("scheme, message", [
+    ({"input": {"observer": "mse"}}, "observer mse is for weights"),
+    ({"weight": {"observer": "percentile"}}, "use minmax, or mse"),
+    ({"input": {"observer": "histogram"}}, "observer histogram is reserved"),
+])
+def test_observers_each_role_cannot_take_are_spec_errors(scheme, message):
+    with pytest.raises(qfx.SpecError, match=message):
+        qfx.compile(spec=tiny_spec(preset="w8a8-int8", exclude=["lm_head"], rules=[{"match": "*", **scheme}]))
+

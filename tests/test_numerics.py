@@ -1,10 +1,12 @@
 """The reference arithmetic: rounding, ranges, FP8 variants, int4 packing."""
+import dataclasses
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qfx.runtime import numerics
-from qfx.runtime.formats import Granularity, QDType, TensorFormat
+from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
 from qfx.runtime.layout import pack_quark_int4, unpack_quark_int4
 
 FORMATS = [TensorFormat(QDType.int8, Granularity.per_channel),
@@ -106,3 +108,30 @@ def test_reduced_range_int8_weights_use_seven_bits():
         back = numerics.dequantize(codes, scale, zero_point, QDType.int8, 0)
         assert float((back - w).abs().max()) <= float(scale.max()) / 2 + 1e-6  # half a step
     assert TensorFormat.from_json(fmt.to_json()) == fmt
+
+
+MSE_FORMATS = [TensorFormat(QDType.int4, Granularity.per_group, group_size=32, observer=ObserverKind.mse),
+               TensorFormat(QDType.uint4, Granularity.per_group, symmetric=False, group_size=32,
+                            observer=ObserverKind.mse),
+               TensorFormat(QDType.int8, Granularity.per_channel, observer=ObserverKind.mse),
+               TensorFormat(QDType.fp8_e4m3fn, Granularity.per_tensor, observer=ObserverKind.mse)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1), st.sampled_from(MSE_FORMATS))
+def test_mse_clipping_never_loses_to_min_max_in_any_channel_or_group(rows, seed, fmt):
+    w = torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed)) * 2
+    w[0, 0] = 12.0  # an outlier that min-max spends a whole range on
+
+    def errors(f):
+        codes, scale, zp = numerics.quantize_weight(w, f)
+        dq = numerics.dequantize(codes, scale, zp, f.dtype, numerics.weight_axis(f), f.group_size)
+        return (dq - w).square().reshape(rows, -1, f.group_size or 64).sum(-1)
+
+    mse, minmax = errors(fmt), errors(dataclasses.replace(fmt, observer=ObserverKind.minmax))
+    if fmt.granularity is Granularity.per_tensor:
+        mse, minmax = mse.sum(), minmax.sum()
+    assert bool((mse <= minmax).all())
+    if fmt.dtype.bits == 4:
+        assert float(mse.sum()) < float(minmax.sum())  # a 4-bit group always gains from some clipping
+
