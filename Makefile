@@ -56,6 +56,7 @@ bench: setup
 	$(PY) bench/compile.py --repeats 3
 	$(PY) bench/ort.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/gptq.py
 
 clean:
 	rm -rf out .pytest_cache
