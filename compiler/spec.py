@@ -50,9 +50,10 @@ class TensorScheme(_Model):
     group_size: int | None = Field(default=None, ge=2, description="elements per group along K (per_group)")
     symmetric: bool = True
     observer: ObserverKind | None = Field(
-        default=None, description="range estimator: activations minmax (default), moving_average or "
-                                  "percentile (per_token takes none); weights minmax (default) or mse (each "
-                                  "channel or group clipped to its least squared error)")
+        default=None, description="range estimator: activations minmax (default), moving_average, percentile "
+                                  "or mse (the range with the least quantization error on a histogram of the "
+                                  "calibration data; per_token takes none); weights minmax (default) or mse "
+                                  "(each channel or group clipped to its least squared error)")
     reduce_range: bool = Field(
         default=False, description="int8 weights in 7 bits (-64..63): ONNX Runtime's fast uint8 x int8 "
                                    "kernels are then exact on x86 CPUs without VNNI; costs about 6 dB of weight SQNR")
@@ -359,8 +360,6 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
             return ("weights take their range from the tensor itself: use minmax, or mse (each channel or "
                     "group clipped to its least squared error)")
         return None
-    if scheme.observer is ObserverKind.mse:
-        return "observer mse is for weights; activations take minmax, moving_average or percentile"
     if scheme.reduce_range:
         return "reduce_range applies to weights; activations keep the full int8 range"
     if scheme.dtype in (DType.int4, DType.uint4):

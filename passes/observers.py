@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qfx.runtime import numerics
 from qfx.runtime.errors import CalibrationError
 from qfx.runtime.formats import ObserverKind, TensorFormat
 
@@ -37,9 +38,13 @@ class Observer(torch.nn.Module):
                     f"calibration batch {self.batches} produced NaN or Inf at {self.where}",
                     hint="check the calibration data and the model in float first; a layer that "
                          "overflows in fp16/bf16 often needs fp32 for calibration")
-            self.update(lo.float(), hi.float())
+            self.observe(x.detach(), lo.float(), hi.float())
             self.batches += 1
         return x
+
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Take in one batch, whose range is lo..hi; range estimators need only that."""
+        self.update(lo, hi)
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.aminmax(x)
@@ -113,10 +118,56 @@ class PercentileObserver(Observer):
         self.lo, self.hi = (self.lo_sum / self.samples).float(), (self.hi_sum / self.samples).float()
 
 
+class MseObserver(Observer):
+    """The range, within the min-max one, that minimizes the quantization MSE of everything seen.
+
+    A histogram of the values (HISTOGRAM_BINS bins over the running min-max range, re-binned
+    when a batch widens it) stands for the data; the range is min-max shrunk by the ratio of
+    numerics.MSE_CLIP_RATIOS whose fake quantization of the bins' centres costs the least, clipped
+    values included. Outliers then cost their clipping error instead of every other value's
+    resolution."""
+
+    HISTOGRAM_BINS = 2048
+
+    def reset(self) -> None:
+        super().reset()
+        self.counts: torch.Tensor | None = None  # over [self.lo, self.hi]
+
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        new_lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        new_hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        counts = torch.histc(x.float(), self.HISTOGRAM_BINS, float(new_lo), float(new_hi)).double()
+        if self.counts is not None:  # move the old counts to the bins their centres fall in now
+            counts += self._rebinned(new_lo, new_hi)
+        self.lo, self.hi, self.counts = new_lo, new_hi, counts
+
+    def _centres(self, lo, hi) -> torch.Tensor:
+        edges = torch.linspace(float(lo), float(hi), self.HISTOGRAM_BINS + 1, dtype=torch.float64)
+        return (edges[:-1] + edges[1:]) / 2
+
+    def _rebinned(self, lo, hi) -> torch.Tensor:
+        width = max(float(hi) - float(lo), 1e-30) / self.HISTOGRAM_BINS
+        index = ((self._centres(self.lo, self.hi) - float(lo)) / width).long().clamp(0, self.HISTOGRAM_BINS - 1)
+        return torch.zeros(self.HISTOGRAM_BINS, dtype=torch.float64).index_add_(0, index, self.counts)
+
+    def range(self):
+        lo, hi = super().range()
+        centres = self._centres(lo, hi).float()
+        best, best_range = float("inf"), (lo, hi)
+        for ratio in numerics.MSE_CLIP_RATIOS:
+            scale, zero_point = numerics.qparams_from_range(lo * ratio, hi * ratio, self.fmt)
+            error = (numerics.fake_quantize(centres, scale, zero_point, self.fmt.dtype) - centres).double().square()
+            cost = float((error * self.counts).sum())
+            if cost < best:
+                best, best_range = cost, (lo * ratio, hi * ratio)
+        return best_range
+
+
 OBSERVERS: dict[ObserverKind, type[Observer]] = {
     ObserverKind.minmax: MinMaxObserver,
     ObserverKind.moving_average: MovingAverageObserver,
     ObserverKind.percentile: PercentileObserver,
+    ObserverKind.mse: MseObserver,
 }
 
 

@@ -7,10 +7,11 @@ from safetensors.torch import save_file
 
 import qfx
 from qfx.calib_data import MAX_SYNTHETIC_VALUES, calibration_set
+from qfx.runtime import numerics
 from qfx.capture import load_hf, wrap_module
 from qfx.errors import CalibrationError
 from qfx.examples import tiny_llama
-from qfx.passes.observers import MinMaxObserver, MovingAverageObserver, PercentileObserver
+from qfx.passes.observers import MinMaxObserver, MovingAverageObserver, MseObserver, PercentileObserver
 from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
 from qfx.spec import Calibration
 
@@ -31,6 +32,32 @@ def test_minmax_and_moving_average_and_percentile():
     pc(torch.cat([x, torch.tensor([1e6])]))
     lo, hi = pc.range()
     assert float(hi) < 1001 and float(lo) <= 11  # the 1e6 outlier is clipped away
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observer_range_costs_less_error_than_min_max_on_everything_seen(symmetric):
+    fmt = TensorFormat(QDType.int8 if symmetric else QDType.uint8, Granularity.per_tensor, symmetric=symmetric,
+                       observer=ObserverKind.mse)
+    mse, minmax = MseObserver(fmt, "x"), MinMaxObserver(fmt, "x")
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(4):  # each batch widens the range, so the histogram is re-binned
+        x = torch.randn(4, 64, 32, generator=gen) * (1 + i)
+        x[0, 0, 0] = 60.0 * (i + 1)
+        mse(x), minmax(x)
+        batches.append(x.flatten())
+    seen = torch.cat(batches)
+    assert float(mse.counts.sum()) == seen.numel()  # re-binning keeps every count
+
+    def error(lo_hi):
+        scale, zero_point = numerics.qparams_from_range(*lo_hi, fmt)
+        return float((numerics.fake_quantize(seen, scale, zero_point, fmt.dtype) - seen).square().mean())
+
+    lo, hi = minmax.range()
+    best = min(error((lo * r, hi * r)) for r in numerics.MSE_CLIP_RATIOS)  # the search on the data itself
+    print(f"error: min-max {error((lo, hi)):.4f}, mse observer {error(mse.range()):.4f}, best {best:.4f}")
+    assert error(mse.range()) < error((lo, hi))
+    assert error(mse.range()) <= 1.02 * best  # the histogram stands for the data well
 
 
 def test_observer_without_data_says_so():
