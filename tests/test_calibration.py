@@ -7,11 +7,11 @@ from safetensors.torch import save_file
 
 import qfx
 from qfx.calib_data import MAX_SYNTHETIC_VALUES, calibration_set
-from qfx.runtime import numerics
 from qfx.capture import load_hf, wrap_module
 from qfx.errors import CalibrationError
 from qfx.examples import tiny_llama
 from qfx.passes.observers import MinMaxObserver, MovingAverageObserver, MseObserver, PercentileObserver
+from qfx.runtime import numerics
 from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
 from qfx.spec import Calibration
 
