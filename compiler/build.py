@@ -23,6 +23,7 @@ from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_f
 from qfx.memory import release_memory
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
+from qfx.passes.input_transforms import input_transforms
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import CALIBRATE, check_pipeline
 from qfx.passes.rotation import Rotation
@@ -331,7 +332,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx, folds=folds, rotation=rotation)
+            onnx=onnx, folds=folds, rotation=rotation, transforms=input_transforms(gm, bundle.root_prefix))
         _warn_of_input_transforms(manifest["layers"])
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None

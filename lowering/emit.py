@@ -3,7 +3,6 @@ manifest.json and report.md, into a directory that is published only when all ar
 from __future__ import annotations
 
 import json
-import operator
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -13,12 +12,10 @@ import torch
 from qfx.lowering.manifest import layer_record, write_manifest
 from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
-from qfx.passes.meta import module_path
 from qfx.runtime.artifact_files import MODEL_FILE
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file
-from qfx.runtime.ops import DEQUANTIZE, HADAMARD, QUANTIZE, QUANTIZE_PER_TOKEN
-from qfx.runtime.quant_linear import HADAMARD_TRANSFORM, ONLINE_CONFIG_KEY, PRE_QUANT_SCALE, SCALE_TRANSFORM
+from qfx.runtime.quant_linear import ONLINE_CONFIG_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json")
@@ -45,37 +42,6 @@ def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant]
     return sorted(path for path in plan if root_prefix + path not in owners)
 
 
-_QDQ = {QUANTIZE, DEQUANTIZE, QUANTIZE_PER_TOKEN, operator.getitem}
-
-
-def input_transforms(gm: torch.fx.GraphModule, root_prefix: str) -> dict[str, list[str]]:
-    """Layer path -> the transforms its input goes through before its quantizer, in order: a
-    qfx::hadamard (rotation's R4) and a multiply by a `pre_quant_scale` (SmoothQuant's explicit
-    multiply), found by walking back from each linear over its quantize/dequantize ops."""
-    found = {}
-    for linear in gm.graph.nodes:
-        if linear.target is not torch.ops.aten.linear.default:
-            continue
-        transforms, node = [], linear.args[0]
-        while isinstance(node, torch.fx.Node) and node.op == "call_function":
-            if node.target is HADAMARD:
-                transforms.append(HADAMARD_TRANSFORM)
-            elif _is_scale(node):
-                transforms.append(SCALE_TRANSFORM)
-            elif node.target not in _QDQ:
-                break
-            node = node.args[0]
-        if transforms:
-            found[module_path(linear, root_prefix)] = transforms[::-1]
-    return found
-
-
-def _is_scale(node: torch.fx.Node) -> bool:
-    factors = node.args[1] if node.target is torch.ops.aten.mul.Tensor else None
-    return isinstance(factors, torch.fx.Node) and factors.op == "get_attr" and factors.target.endswith(
-        "." + PRE_QUANT_SCALE)
-
-
 def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str
                      ) -> tuple[str, dict[str, str]]:
     """model.safetensors in the Quark layout; returns its sha256 and the tied-weight aliases."""
@@ -87,12 +53,14 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
-                  folds: dict | None = None, rotation: dict | None = None) -> dict:
+                  folds: dict | None = None, rotation: dict | None = None,
+                  transforms: dict[str, list[str]] | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
-    records and `rotation` the rotation pass's, pictured in PNGs that report.md shows."""
-    transforms = input_transforms(gm, root_prefix)
+    records and `rotation` the rotation pass's, pictured in PNGs that report.md shows;
+    `transforms` each layer's input transforms, in order (passes.input_transforms)."""
+    transforms = transforms or {}
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
     if onnx is not None:
