@@ -131,7 +131,5 @@ def test_mse_clipping_never_loses_to_min_max_in_any_channel_or_group(rows, seed,
     mse, minmax = errors(fmt), errors(dataclasses.replace(fmt, observer=ObserverKind.minmax))
     if fmt.granularity is Granularity.per_tensor:
         mse, minmax = mse.sum(), minmax.sum()
-    assert bool((mse <= minmax).all())
-    if fmt.dtype.bits == 4:
-        assert float(mse.sum()) < float(minmax.sum())  # a 4-bit group always gains from some clipping
+    assert bool((mse <= minmax).all())  # (equal where no ratio of the grid beats min-max)
 
