@@ -76,6 +76,17 @@ def make_model(outliers: bool):
     return model
 
 
+def measured_build(qfx, model, quantization: dict, algorithms: list, reference: torch.Tensor, ids: torch.Tensor):
+    """(result, logits relative error on `ids`, build seconds) of one build of `model`."""
+    spec = {"version": 1, "target": "cpu", "calibration": CALIBRATION, "quantization": quantization,
+            "algorithms": algorithms}
+    start = time.perf_counter()
+    result = qfx.compile(model, spec)
+    elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        return result, relative_error(reference, result.graph(ids)), elapsed
+
+
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return float((approx.double() - reference.double()).norm() / reference.double().norm())
 
@@ -96,13 +107,7 @@ def main() -> int:
             reference = model(input_ids=ids, use_cache=False).logits
         for name, quantization, algorithms, target in [c[1:] for c in CASES if c[0] == variant
                                                        and (args.cases in c[1] or c[1] == "static minmax")]:
-            spec = {"version": 1, "target": "cpu", "calibration": CALIBRATION, "quantization": quantization,
-                    "algorithms": algorithms}
-            start = time.perf_counter()
-            result = qfx.compile(model, spec)
-            elapsed = time.perf_counter() - start
-            with torch.no_grad():
-                error = relative_error(reference, result.graph(ids))
+            result, error, elapsed = measured_build(qfx, model, quantization, algorithms, reference, ids)
             seconds[(variant, name)] = elapsed
             row = {"model": variant, "case": name, "logits_rel_error": round(error, 4), "target": target,
                    "build_s": round(elapsed, 2)}

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from accuracy import CALIBRATION, EVAL_SEED, EVAL_SHAPE, make_model, relative_error
+from accuracy import CALIBRATION, EVAL_SEED, EVAL_SHAPE, make_model, measured_build
 from compile import HERE, LLAMA, publish
 
 W4 = {"preset": "w4a16-g128", "exclude": ["lm_head"]}
@@ -41,13 +40,7 @@ def main() -> int:
         reference = model(input_ids=ids, use_cache=False).logits
     rows = []
     for name, quantization, algorithms in CASES:
-        spec = {"version": 1, "target": "cpu", "calibration": CALIBRATION, "quantization": quantization,
-                "algorithms": algorithms}
-        start = time.perf_counter()
-        result = qfx.compile(model, spec)
-        elapsed = time.perf_counter() - start
-        with torch.no_grad():
-            error = relative_error(reference, result.graph(ids))
+        _, error, elapsed = measured_build(qfx, model, quantization, algorithms, reference, ids)
         rows.append({"case": name, "logits_rel_error": round(error, 4), "build_s": round(elapsed, 2)})
         print(f"[bench] {name:45s} {error:.4f}  ({elapsed:.1f} s)", file=sys.stderr)
     best = min(rows, key=lambda r: r["logits_rel_error"])
