@@ -26,10 +26,8 @@ def layer_buffers(gm: torch.nn.Module, root_prefix: str, path: str) -> dict[str,
     return {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
 
 
-def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], root_prefix: str) -> list[str]:
-    """The planned layers none of whose tensors the graph's output depends on (a BERT pooler
-    under last_hidden_state): the ONNX export drops them. Read from the torch graph, not the ONNX
-    model, so that `qfx verify` can tell such a layer from one the emitter lost."""
+def nodes_reaching_output(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes the graph's outputs depend on."""
     seen: set[torch.fx.Node] = set()
     stack = [n for n in gm.graph.nodes if n.op == "output"]
     while stack:
@@ -37,7 +35,14 @@ def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant]
         if node not in seen:
             seen.add(node)
             stack.extend(node.all_input_nodes)
-    used = {str(n.target) for n in seen if n.op == "get_attr"}
+    return seen
+
+
+def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], root_prefix: str) -> list[str]:
+    """The planned layers none of whose tensors the graph's output depends on (a BERT pooler
+    under last_hidden_state): the ONNX export drops them. Read from the torch graph, not the ONNX
+    model, so that `qfx verify` can tell such a layer from one the emitter lost."""
+    used = {str(n.target) for n in nodes_reaching_output(gm) if n.op == "get_attr"}
     owners = {t.rpartition(".")[0] for t in used}
     return sorted(path for path in plan if root_prefix + path not in owners)
 

@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from qfx.lowering.emit import nodes_reaching_output
 from qfx.passes.annotate import LINEAR, linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fold_groups, get_tensor
@@ -205,7 +206,7 @@ def _multiply_groups(gm, folded: list[FoldGroup]) -> tuple[list[FoldGroup], list
     """One explicit-multiply group per input that quantized linears no fold group reaches read
     (q/k/v of a post-LN block share theirs), and the inputs left alone with the reason."""
     covered = {c for g in folded for c in g.consumers}
-    live = _reaching_output(gm)
+    live = nodes_reaching_output(gm)
     feeds: dict[torch.fx.Node, list] = {}
     for node in linear_nodes(gm):
         if _input_format(node) is not None and node not in covered:
@@ -226,16 +227,6 @@ def _multiply_groups(gm, folded: list[FoldGroup]) -> tuple[list[FoldGroup], list
             continue
         skipped.append(Unfoldable(group.producer, group.consumers, reason))
     return groups, skipped
-
-
-def _reaching_output(gm) -> set:
-    seen, stack = set(), [n for n in gm.graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
 
 
 def _rescale_observers(gm, group: FoldGroup, s: torch.Tensor, stats: dict) -> list:
