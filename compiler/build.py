@@ -20,9 +20,9 @@ from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, QfxWarning, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
-from qfx.memory import release_memory
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
+from qfx.passes.gptq import Gptq
 from qfx.passes.input_transforms import input_transforms
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import CALIBRATE, check_pipeline
@@ -33,6 +33,7 @@ from qfx.runner import run_pipeline
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
+from qfx.runtime.memory import release_memory
 from qfx.runtime.ort import require_onnx
 from qfx.runtime.verify import META_INPUTS, META_ROOT, META_UINT8, verify_artifact
 from qfx.spec import OutputFormat, Target
@@ -162,6 +163,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                             "quantizes no activations", hint="quantize the layers' inputs (e.g. preset "
                             "w8a8-int8), or remove smoothquant for weight-only quantization")
         ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=calibrate,
+                          calibration_batches=lambda: data.batches(cfg.calibration.batch_size),
                           example=_analysis_example(example, bundle.kind))
         with _timed(seconds, "passes"):
             gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
@@ -191,7 +193,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
-                                 ctx.float_weights, folds, ctx.stats.get(Rotation.name))
+                                 ctx.float_weights, folds, ctx.stats.get(Rotation.name),
+                                 ctx.stats.get(Gptq.name, {}).get("layers"))
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
@@ -204,16 +207,18 @@ def _pipeline(cfg, explicit: str | None) -> list:
     """The spec's pipeline: its algorithms after observe, where they calibrate (smoothquant runs
     the data itself). An explicit pipeline replaces it, but must run every algorithm the spec asks for."""
     wanted = [_algorithm_pass(a) for a in cfg.algorithms]
-    before = [p for p in wanted if "observed" not in p.requires]  # data-free: before the observers
-    after = [p for p in wanted if "observed" in p.requires] or [CALIBRATE]
-    text = explicit or ",".join(["annotate", *map(format_pipeline, ([before] if before else [])), "observe",
-                                 format_pipeline(after), "convert", "freeze"])
+    # Data-free transforms before the observers, then the passes that run the data (the first of
+    # them calibrates the observers), weight algorithms last: they need the final float weights.
+    before = [p for p in wanted if "observed" not in p.requires]
+    data = sorted((p for p in wanted if "observed" in p.requires), key=lambda p: "weights_quantized" in p.produces)
+    text = explicit or ",".join(format_pipeline(group) for group in (
+        ["annotate"], before, ["observe"], data or [CALIBRATE], ["convert", "freeze"]) if group)
     items = parse_pipeline(text)
     check_pipeline(items)
     names = {getattr(i, "name", i) for i in items}
     if missing := [p.name for p in wanted if p.name not in names]:
         raise UserError(f"the spec's algorithms ask for {', '.join(missing)}, which pipeline {text!r} does not run",
-                        hint=f"add {format_pipeline(wanted)} (rotation before observe, smoothquant after it), "
+                        hint=f"add {format_pipeline(wanted)} (rotation before observe, smoothquant after it, gptq before convert), "
                              "or leave out --pipeline")
     return items
 
@@ -225,6 +230,8 @@ def _algorithm_pass(algorithm):
     if algorithm.name == Rotation.name:
         return Rotation(kind=options.kind, seed=options.seed, residual=options.residual, heads=options.heads,
                         online_down_proj=options.online_down_proj)
+    if algorithm.name == Gptq.name:
+        return Gptq(**options.model_dump())
     raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
 
@@ -322,7 +329,7 @@ def _warn_of_input_transforms(layers: dict) -> None:
 
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
           model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None,
-          rotation: dict | None) -> dict:
+          rotation: dict | None, weight_algorithms: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
         return float_weights.get(path)
 
@@ -332,7 +339,8 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
-            onnx=onnx, folds=folds, rotation=rotation, transforms=input_transforms(gm, bundle.root_prefix))
+            onnx=onnx, folds=folds, rotation=rotation, transforms=input_transforms(gm, bundle.root_prefix),
+            weight_algorithms=weight_algorithms)
         _warn_of_input_transforms(manifest["layers"])
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None

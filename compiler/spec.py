@@ -290,6 +290,19 @@ class RotationOptions(_Model):
                                    "it (qfx.runtime, ONNX); Quark-format loaders such as vLLM's do not")
 
 
+class GptqOptions(_Model):
+    damp: float = Field(default=0.01, ge=0, le=1, description="added to the Hessian's diagonal, relative to its "
+                                                             "mean; raised tenfold (up to 1) where the Hessian is "
+                                                             "not positive definite, and recorded per layer")
+    block_size: int = Field(default=128, ge=1, description="columns updated together (speed only)")
+    act_order: bool = Field(default=True, description="quantize the columns with the largest input energy first; "
+                                                      "each keeps its group's scale (static groups), so the "
+                                                      "layout needs no permutation index")
+    sequential: bool = Field(default=True, description="each layer's Hessian from the activations of the model "
+                                                       "whose earlier layers are already quantized; false: from "
+                                                       "the float model's")
+
+
 class Algorithm(_Model):
     """One entry of `algorithms`: a mapping with a single key naming the algorithm."""
 
@@ -298,6 +311,9 @@ class Algorithm(_Model):
                                   "folded exactly into the weights")
     smoothquant: SmoothQuantOptions | None = Field(
         default=None, description="SmoothQuant, folded exactly into the producers the graph's dataflow proves")
+    gptq: GptqOptions | None = Field(
+        default=None, description="GPTQ: integer weights rounded column by column, each column's error spread "
+                                  "over the rest through the inverse Hessian of the layer's calibration inputs")
 
     @model_validator(mode="before")
     @classmethod

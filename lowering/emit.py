@@ -59,12 +59,14 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
                   folds: dict | None = None, rotation: dict | None = None,
-                  transforms: dict[str, list[str]] | None = None) -> dict:
+                  transforms: dict[str, list[str]] | None = None,
+                  weight_algorithms: dict[str, dict] | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
     records and `rotation` the rotation pass's, pictured in PNGs that report.md shows;
-    `transforms` each layer's input transforms, in order (passes.input_transforms)."""
+    `transforms` each layer's input transforms, in order (passes.input_transforms);
+    `weight_algorithms` the records of the layers a weight algorithm (gptq) quantized."""
     transforms = transforms or {}
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
@@ -99,6 +101,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                           for path, quant in plan.items()}
     for path, layer_transforms in transforms.items():
         manifest["layers"][path]["input_transforms"] = layer_transforms
+    for path, record in (weight_algorithms or {}).items():
+        manifest["layers"][path]["weight_algorithm"] = record
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
     manifest["unused_layers"] = layers_off_output_path(gm, plan, root_prefix)
     manifest["tied"] = aliases

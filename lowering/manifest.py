@@ -92,6 +92,20 @@ def _rotation_section(record: dict | None, pictures: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _weight_algorithm_section(layers: dict) -> list[str]:
+    records = {path: rec["weight_algorithm"] for path, rec in layers.items() if "weight_algorithm" in rec}
+    if not records:
+        return []
+    lines = ["## Weight algorithm", "", "Relative output error of each layer on calibration rows, rounded to "
+             "nearest vs the algorithm's weights (same grid).", "",
+             "| layer | algorithm | damping | dead inputs | output error RTN → algorithm |", "|---|---|---|---|---|"]
+    for path, rec in records.items():
+        errors = rec["output_error"]
+        lines.append(f"| `{path}` | {rec['name']} | {rec['damp']:g} | {rec['dead_inputs']} | "
+                     f"{errors['rtn']:.4g} → {errors[rec['name']]:.4g} |")
+    return lines + [""]
+
+
 def render_report(manifest: dict) -> str:
     lines = [f"# qfx build report: {manifest['model']['name']}", ""]
     lines += [f"- target: `{manifest['target']}`",
@@ -120,6 +134,7 @@ def render_report(manifest: dict) -> str:
     pictures = [name for name in manifest.get("artifact", {}) if name.endswith(".png")]
     lines += _rotation_section(manifest.get("rotation"), pictures)
     lines += _smoothquant_section(manifest.get("smoothquant"), [p for p in pictures if p in (LAYERS_PNG, CHANNELS_PNG)])
+    lines += _weight_algorithm_section(manifest["layers"])
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]
     for path, rec in manifest["layers"].items():

@@ -102,7 +102,8 @@ class Convert(Pass):
                                       hint="exclude this layer (tied weights are kept in float)")
                 w = getattr(edit.owner, weight_node.target.rsplit(".", 1)[1])
                 ctx.float_weights[quant.module] = w.detach()
-                codes, scale, zero_point = quantize_weight(w.detach(), fmt.weight)
+                chosen = ctx.quantized_weights.pop(quant.module, None)  # a weight algorithm's codes
+                codes, scale, zero_point = chosen if chosen is not None else quantize_weight(w.detach(), fmt.weight)
                 with graph.inserting_before(linear):
                     codes_node = edit.buffer(weight_node.target.rsplit(".", 1)[1], codes)
                     dq = edit.call(ops.DEQUANTIZE,

@@ -57,7 +57,7 @@ class Rotation(Pass):
     # Observers already in the graph would see the analysis run of the unrotated model and sit
     # before an online Hadamard; smoothing folded before would be fused into the linears and
     # rotated away.
-    conflicts = frozenset({"observed", "smoothed", "qdq"})
+    conflicts = frozenset({"observed", "smoothed", "qdq", "weights_quantized"})
     kind: str = "hadamard"  # hadamard (random signs) or random (uniformly random orthogonal)
     seed: int = 0
     residual: bool = True  # R1: rotate the residual stream (RMSNorm models only)

@@ -88,6 +88,7 @@ class SmoothQuant(Pass):
     name = "smoothquant"
     requires = frozenset({"annotated", "observed"})
     produces = frozenset({"smoothed", "calibrated"})
+    conflicts = frozenset({"weights_quantized"})  # a weight algorithm chose codes for the unsmoothed weights
     alpha: str = "auto"  # a number in (0, 1), or auto: searched per group
     rows: int = 256  # activation rows per group input kept for the α search
     # Where no producer can absorb the factors (a LayerNorm that also feeds a residual, an

@@ -1,0 +1,289 @@
+"""gptq: quantize weights column by column, spreading each column's rounding error over the
+columns not yet quantized so that the layer's output on the calibration data moves least
+(GPTQ, Frantar et al. 2022): argmin ||W X - Q X|| column by column, through the inverse of
+the input Hessian H = mean(X^T X).
+
+- Static groups: each group's scale and zero point are RTN's (the format's observer, min-max
+  or mse), computed from the float weight before any column changes. With `act_order` the
+  columns are visited in order of decreasing H diagonal (the inputs that carry most energy
+  first) while every column keeps its own group's parameters, so the stored layout is the
+  plain grouped one: no permutation index, and every reader of grouped weights loads it.
+- Damping: `damp` x mean(diag H) is added to the diagonal; a Hessian that is still not
+  positive definite gets ten times more, up to DAMP_MAX, and the layer's record says so.
+  Input channels that are zero on every row get H_jj = 1: their columns are rounded to
+  nearest and spread no error.
+- Hessians: X^T X of each HESSIAN_ROWS rows is a float32 product (each entry a sum over those
+  rows, relative error <= rows x 2^-24 by the standard bound: 2.4e-4 for 4096 rows, below the
+  1e-2 damping), and the products are summed in float64, so the bound does not grow with the
+  calibration set. The mean is rounded to float32 once: the factorization runs in float32, as
+  the reference GPTQ's does (the damping bounds the condition number).
+- The layers are visited by the sequential engine (passes/sequential.py): with `sequential`,
+  each layer's Hessian comes from the activations of the model whose earlier layers are
+  already quantized. The same pass over the data calibrates the activation observers, unless
+  a pass before it (smoothquant, calibrate) did.
+
+The pass leaves the graph's float weights as they are (the build's float reference) and hands
+each layer's codes and static qparams to convert through the context: one byte per weight
+held until convert, not a float copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qfx.passes.annotate import linear_nodes
+from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.meta import get_quant
+from qfx.passes.sequential import run_sequential
+from qfx.runtime.errors import PassFailure
+from qfx.runtime.formats import Granularity, TensorFormat
+from qfx.runtime.numerics import fake_quantize, quantize, weight_axis, weight_qparams
+
+DAMP_MAX = 1.0
+# Rows of each layer's input (evenly spaced over the calibration data) on which its output
+# error is recorded: the error of a product needs far fewer rows than the Hessian does.
+ERROR_ROWS = 128
+
+
+# Rows per float32 product X^T X; the products are summed in float64 (see the module docstring).
+HESSIAN_ROWS = 4096
+# Column blocks of X^T X: only the blocks on and above the diagonal are multiplied.
+GRAM_BLOCK = 256
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x (float32) from its upper block triangle, mirrored: two thirds of the full product's work."""
+    k = x.shape[1]
+    out = torch.empty(k, k)
+    for i in range(0, k, GRAM_BLOCK):
+        upper = x[:, i:i + GRAM_BLOCK].T @ x[:, i:]
+        out[i:i + GRAM_BLOCK, i:] = upper
+        out[i + GRAM_BLOCK:, i:i + GRAM_BLOCK] = upper[:, GRAM_BLOCK:].T
+    return out
+
+
+def accumulate_hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """mean(X^T X) over all rows of all batches: float32 sums over chunks of at most HESSIAN_ROWS
+    rows, the chunks summed in float64, the mean rounded to float32."""
+    k = inputs[0].shape[-1]
+    total, chunk, chunk_rows, rows = None, None, 0, 0
+    for x in inputs:
+        for part in x.reshape(-1, k).float().split(HESSIAN_ROWS):
+            if chunk is not None and chunk_rows + part.shape[0] > HESSIAN_ROWS:
+                total = chunk.double() if total is None else total + chunk
+                chunk, chunk_rows = None, 0
+            product = gram(part)
+            chunk = product if chunk is None else chunk.add_(product)
+            chunk_rows, rows = chunk_rows + part.shape[0], rows + part.shape[0]
+    total = chunk if total is None else total + chunk
+    return (total / max(rows, 1)).float()
+
+
+def damping_steps(damp: float) -> list[float]:
+    """The relative dampings tried in turn: the asked one, then tenfold steps up to DAMP_MAX."""
+    steps, next_step = [damp], max(damp * 10, 0.01)
+    while next_step <= DAMP_MAX * (1 + 1e-9):
+        steps.append(next_step)
+        next_step *= 10
+    return steps
+
+
+def invert_hessian(hessian: torch.Tensor, damp: float, act_order: bool, where: str) -> tuple:
+    """(order, upper Cholesky factor of the damped inverse, damp used, dead channels).
+
+    float32 like the reference GPTQ (the damping bounds the condition number), in place where it
+    can be: for the MLP's wide input these are the pass's largest temporaries."""
+    diagonal = hessian.diagonal().float()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    order = torch.argsort(diagonal, descending=True, stable=True) if act_order else None
+    h = hessian.float().clone() if order is None else hessian[order[:, None], order].float()
+    del hessian  # the caller's temporary: freed here when the caller holds no other reference
+    h.diagonal().copy_(diagonal if order is None else diagonal[order])
+    mean, added = float(h.diagonal().mean()), 0.0
+    for tried in damping_steps(damp):
+        h.diagonal().add_((tried - added) * mean)
+        added = tried
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
+                return order, factor, tried, int(dead.sum())
+    raise PassFailure(f"the Hessian of {where}'s input is not positive definite even with damping {DAMP_MAX} "
+                      "(relative to its mean diagonal)",
+                      hint="check that the calibration data reaches this layer with finite values, or keep the "
+                           "layer out of gptq (weights that are not integer, or excluded, are rounded to nearest)")
+
+
+@dataclasses.dataclass
+class StaticGrid:
+    """The static qparams of a (stacked) [out, in] weight, as the column loop reads them: row g
+    of `scales` / `zeros` ([groups, out], float32) holds every output row's parameter in column
+    group g, and `group_of[j]` is the group of input column j (0 without groups)."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_of: list[int]
+
+
+def static_grid(qparams: list[tuple[torch.Tensor, torch.Tensor | None]], rows: list[int], columns: int,
+                fmt: TensorFormat) -> StaticGrid:
+    """The grid of weights stacked along their rows, from each one's (scale, zero point)."""
+    def by_row(t: torch.Tensor, n: int) -> torch.Tensor:  # -> [n, groups]
+        return t.reshape(1, 1).expand(n, 1) if t.ndim == 0 else t.reshape(n, -1)
+
+    def stack(tensors):
+        return torch.cat([by_row(t, n) for t, n in zip(tensors, rows)]).float().T.contiguous()
+
+    grouped = fmt.granularity is Granularity.per_group
+    return StaticGrid(stack([s for s, _ in qparams]),
+                      None if qparams[0][1] is None else stack([z for _, z in qparams]),
+                      [j // fmt.group_size if grouped else 0 for j in range(columns)])
+
+
+def rounded_to_nearest(w: torch.Tensor, grid: StaticGrid, fmt: TensorFormat) -> torch.Tensor:
+    """RTN of w on `grid` (what convert would store without an algorithm), float32."""
+    scale = grid.scales.T
+    zero = None if grid.zeros is None else grid.zeros.T
+    if fmt.granularity is Granularity.per_group:
+        return fake_quantize(w, scale, zero, fmt.dtype, 1, fmt.group_size)
+    return fake_quantize(w, scale, zero, fmt.dtype)  # [out, 1] broadcasts along the row
+
+
+def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order: torch.Tensor | None,
+                 fmt: TensorFormat, block_size: int) -> torch.Tensor:
+    """The dequantized GPTQ weight of w ([out, in]), its columns visited in `order` (None: as they
+    are; `factor` is in visiting order), each rounded on its own static grid.
+
+    Works on the transpose, so that a column of w is a contiguous row: the rank-1 updates inside
+    a block of columns then stream through memory, and the block's error reaches the columns
+    after it in one matrix product."""
+    visit = list(range(w.shape[1])) if order is None else order.tolist()
+    wt = (w if order is None else w[:, order]).float().T.contiguous()
+    out = torch.empty_like(wt)
+    qmin, qmax = fmt.qmin, fmt.qmax
+    k = wt.shape[0]
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = wt[start:end]
+        errors = torch.empty_like(block)
+        f = factor[start:end, start:end]
+        for i in range(end - start):
+            column, q, error = block[i], out[start + i], errors[i]
+            group = grid.group_of[visit[start + i]]
+            s = grid.scales[group]
+            torch.div(column, s, out=q).round_()
+            if grid.zeros is None:
+                q.clamp_(qmin, qmax).mul_(s)
+            else:
+                z = grid.zeros[group]
+                q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            torch.sub(column, q, out=error).div_(f[i, i])
+            block[i + 1:].addr_(f[i, i + 1:], error, alpha=-1)
+        wt[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
+    return (out if order is None else out[torch.argsort(order)]).T
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor) -> float:
+    """||X (W - Q)^T|| / ||X W^T|| on the recorded rows."""
+    reference = rows @ w.float().T
+    return float(torch.linalg.vector_norm(rows @ q.float().T - reference) /
+                 torch.linalg.vector_norm(reference).clamp_min(1e-30))
+
+
+def sample_rows(inputs: list[torch.Tensor], count: int) -> torch.Tensor:
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
+    return flat[torch.linspace(0, flat.shape[0] - 1, min(count, flat.shape[0])).long()]
+
+
+def gptq_eligible(node: torch.fx.Node) -> str | None:
+    """Why GPTQ leaves a quantized linear to round-to-nearest, or None when it takes it."""
+    quant = get_quant(node)
+    weight = node.args[1]
+    if quant is None or quant.fmt.weight is None:
+        return "weight not quantized"
+    if quant.fmt.weight.dtype.is_fp8:
+        return "FP8 weights are rounded to nearest"
+    if weight.op != "get_attr" or len(weight.users) > 1:
+        return "weight computed in the graph or shared with other nodes (tied)"
+    return None
+
+
+def _tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gptq(Pass):
+    name = "gptq"
+    requires = frozenset({"annotated", "observed"})
+    produces = frozenset({"calibrated", "weights_quantized"})
+    conflicts = frozenset({"qdq", "weights_quantized"})
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    sequential: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.damp <= DAMP_MAX:
+            raise ValueError(f"damp must be in [0, {DAMP_MAX}], got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        if ctx.calibration_batches is None:
+            raise PassFailure("gptq needs calibration data, and this build has none")
+        chosen = [n for n in linear_nodes(gm) if gptq_eligible(n) is None]
+        # Linears that read one input in one format (q/k/v, gate/up) share its Hessian and are
+        # solved as one stacked weight: GPTQ treats the rows of a weight independently.
+        siblings: dict[tuple, list[torch.fx.Node]] = {}
+        for node in chosen:
+            siblings.setdefault((node.args[0], get_quant(node).fmt.weight), []).append(node)
+        solved: dict[torch.fx.Node, torch.Tensor] = {}
+        records: dict[str, dict] = {}
+
+        def quantize(linear: torch.fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor:
+            if linear not in solved:
+                group = siblings[(linear.args[0], get_quant(linear).fmt.weight)]
+                solved.update(self.solve_group(gm, group, inputs, ctx, records))
+            return solved.pop(linear)
+
+        # Unless an earlier pass calibrated the observers, this pass over the data does.
+        run_sequential(gm, list(ctx.calibration_batches()), chosen, quantize, sequential=self.sequential,
+                       calibrate="calibrated" not in ctx.facts, root_prefix=ctx.root_prefix, desc="gptq")
+        skipped = {get_quant(n).module: why for n in linear_nodes(gm)
+                   if get_quant(n) is not None and n not in chosen and (why := gptq_eligible(n)) != "weight not quantized"}
+        return PassResult(gm, modified=bool(chosen), stats={"layers": records, "rounded_to_nearest": skipped})
+
+    def solve_group(self, gm, group: list[torch.fx.Node], inputs: list[torch.Tensor], ctx: PassContext,
+                    records: dict) -> dict[torch.fx.Node, torch.Tensor]:
+        """Quantize the linears of `group` (one input, one weight format): their codes go to the
+        context for convert, their records to `records`. Returns the dequantized weights, which
+        the layers run with for the rest of the pass."""
+        names = [get_quant(n).module for n in group]
+        fmt = get_quant(group[0]).fmt.weight
+        order, factor, damp, dead = invert_hessian(accumulate_hessian(inputs), self.damp, self.act_order,
+                                                   " and ".join(names))
+        rows = sample_rows(inputs, ERROR_ROWS)
+        weights = [_tensor(gm, n.args[1].target).detach() for n in group]
+        qparams = [weight_qparams(w, fmt) for w in weights]  # static groups: fixed before any column moves
+        sizes = [w.shape[0] for w in weights]
+        stacked = torch.cat([w.float() for w in weights])
+        grid = static_grid(qparams, sizes, stacked.shape[1], fmt)
+        rtn_errors = [output_error(w, r, rows) for w, r in zip(weights, rounded_to_nearest(stacked, grid, fmt).split(sizes))]
+        q = gptq_columns(stacked, factor, grid, order, fmt, self.block_size)
+        del stacked
+        new = {}
+        for node, name, w, params, q_rows, rtn_error in zip(group, names, weights, qparams, q.split(sizes), rtn_errors):
+            records[name] = {"name": self.name, "options": self.options(), "damp": damp, "dead_inputs": dead,
+                             "output_error": {"rtn": round(rtn_error, 6),
+                                              "gptq": round(output_error(w, q_rows, rows), 6)}}
+            codes = quantize(q_rows, *params, fmt.dtype, weight_axis(fmt), fmt.group_size)
+            ctx.quantized_weights[name] = (codes, *params)
+            new[node] = q_rows.to(w.dtype)
+        return new
