@@ -66,9 +66,9 @@ def run_sequential(gm: torch.fx.GraphModule, batches: list[tuple], linears: list
                 block = block_of(node, root_prefix)
                 if block != current_block and current_block is not None:
                     bar.update(1)
-                    release_memory()  # the finished block's temporaries, before the next one's
                 current_block = block
                 weight = algorithm(node, [env[node.args[0]] for env in envs])
+                release_memory()  # the algorithm's temporaries are as large as the layer
                 if sequential:
                     for env in envs:  # the weight's get_attr has this linear as its only reader
                         env[node.args[1]] = weight

@@ -136,6 +136,8 @@ def test_gptq_artifact_records_every_layer_and_reloads_exactly(tmp_path):
         assert record["name"] == "gptq" and record["options"]["act_order"] is True
         errors = record["output_error"]
         assert errors["gptq"] < errors["rtn"], (path, errors)  # GPTQ lowers every layer's error
+    report = (result.artifact_dir / "report.md").read_text()
+    assert "## Weight algorithm" in report and report.count("| gptq | 0.01 |") == 14
     verify = manifest["verify"]  # ONNX Runtime against the torch artifact
     assert verify["output_rel_error"] <= verify["tolerance"] and verify["tensors_identical"] >= 14
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
