@@ -110,12 +110,15 @@ def invert_hessian(hessian: torch.Tensor, damp: float, act_order: bool, where: s
         h.diagonal().add_((tried - added) * mean)
         added = tried
         lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
-                return order, factor, tried, int(dead.sum())
+        if int(info):
+            continue
+        h = None  # at most two K x K matrices live from here on
+        factor = torch.cholesky_inverse(lower)
+        info = torch.linalg.cholesky_ex(factor, upper=True, out=(factor, torch.empty((), dtype=torch.int32)))[1]
+        if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
+            return order, factor, tried, int(dead.sum())
+        del factor
+        h = lower @ lower.T  # the damped Hessian again, for the next step
     raise PassFailure(f"the Hessian of {where}'s input is not positive definite even with damping {DAMP_MAX} "
                       "(relative to its mean diagonal)",
                       hint="check that the calibration data reaches this layer with finite values, or keep the "
@@ -166,7 +169,7 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
     a block of columns then stream through memory, and the block's error reaches the columns
     after it in one matrix product."""
     visit = list(range(w.shape[1])) if order is None else order.tolist()
-    wt = (w if order is None else w[:, order]).float().T.contiguous()
+    wt = (w.T if order is None else w.T[order]).float().contiguous()  # one copy, in visiting order
     out = torch.empty_like(wt)
     qmin, qmax = fmt.qmin, fmt.qmax
     k = wt.shape[0]
@@ -199,8 +202,12 @@ def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor) -> float:
 
 
 def sample_rows(inputs: list[torch.Tensor], count: int) -> torch.Tensor:
-    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
-    return flat[torch.linspace(0, flat.shape[0] - 1, min(count, flat.shape[0])).long()]
+    """`count` rows evenly spaced over all batches' rows (float32), gathered without joining them."""
+    flat = [x.reshape(-1, x.shape[-1]) for x in inputs]
+    starts = torch.tensor([0] + [f.shape[0] for f in flat]).cumsum(0)
+    picked = torch.linspace(0, int(starts[-1]) - 1, min(count, int(starts[-1]))).long()
+    batch_of = torch.searchsorted(starts[1:], picked, right=True)
+    return torch.stack([flat[b][i - starts[b]] for b, i in zip(batch_of.tolist(), picked.tolist())]).float()
 
 
 def gptq_eligible(node: torch.fx.Node) -> str | None:
