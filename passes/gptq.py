@@ -258,14 +258,14 @@ class Gptq(Pass):
         solved: dict[torch.fx.Node, torch.Tensor] = {}
         records: dict[str, dict] = {}
 
-        def quantize(linear: torch.fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor:
+        def solve(linear: torch.fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor:
             if linear not in solved:
                 group = siblings[(linear.args[0], get_quant(linear).fmt.weight)]
                 solved.update(self.solve_group(gm, group, inputs, ctx, records))
             return solved.pop(linear)
 
         # Unless an earlier pass calibrated the observers, this pass over the data does.
-        run_sequential(gm, list(ctx.calibration_batches()), chosen, quantize, sequential=self.sequential,
+        run_sequential(gm, list(ctx.calibration_batches()), chosen, solve, sequential=self.sequential,
                        calibrate="calibrated" not in ctx.facts, root_prefix=ctx.root_prefix, desc="gptq")
         skipped = {get_quant(n).module: why for n in linear_nodes(gm)
                    if get_quant(n) is not None and n not in chosen and (why := gptq_eligible(n)) != "weight not quantized"}
