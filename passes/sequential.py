@@ -50,7 +50,7 @@ def run_sequential(gm: torch.fx.GraphModule, batches: list[tuple], linears: list
 
     interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
     envs: list[dict] = [{} for _ in batches]
-    placeholders = [n for n in order if n.op == "placeholder"]
+    position = {n: i for i, n in enumerate(n for n in order if n.op == "placeholder")}
     blocks = find_blocks(gm, root_prefix)
     bar = tqdm(total=max(len(blocks), 1), desc=desc, unit="block", disable=not sys.stderr.isatty(), leave=False)
     current_block = None
@@ -58,7 +58,7 @@ def run_sequential(gm: torch.fx.GraphModule, batches: list[tuple], linears: list
         for node in order[:stop + 1]:
             if node.op == "placeholder":
                 for env, batch in zip(envs, batches):
-                    env[node] = batch[placeholders.index(node)]
+                    env[node] = batch[position[node]]
                 continue
             if node.op == "output":
                 break
