@@ -18,14 +18,16 @@ from qfx import __version__
 from qfx.background import in_background, settle
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
-from qfx.errors import ModelLoadError, OutputError, QfxWarning, UserError
+from qfx.errors import ModelLoadError, OutputError, QfxWarning, SpecError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
+from qfx.passes.awq import Awq
 from qfx.passes.gptq import Gptq
+from qfx.passes.hqq import Hqq
 from qfx.passes.input_transforms import input_transforms
 from qfx.passes.meta import describe_node, module_path
-from qfx.passes.registry import CALIBRATE, check_pipeline
+from qfx.passes.registry import CALIBRATE, PASSES, check_pipeline
 from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
@@ -121,6 +123,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
     loaded: LoadedSpec = load_spec(spec)
     cfg = loaded.spec
     items = _pipeline(cfg, pipeline)
+    _check_rule_algorithms(loaded, items)
     out_path = Path(output_dir) if output_dir is not None else (Path(cfg.output.dir) if cfg.output else None)
     force = force if force is not None else bool(cfg.output and cfg.output.force)
     if out_path is not None and not any(getattr(i, "name", None) == "convert" for i in items):
@@ -186,15 +189,16 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 if (rotation := ctx.stats.get(Rotation.name)) is not None:
                     header["rotation"] = {k: v for k, v in rotation.items()
                                           if k not in ("modified", "seconds", "channel_max")}
-                folds = ctx.stats.get(SmoothQuant.name)
+                fold_pass = next((n for n in (SmoothQuant.name, Awq.name) if n in ctx.stats), None)
+                folds = ctx.stats.get(fold_pass)
                 if folds is not None:  # the per-channel maxima go to the pictures only
-                    header["smoothquant"] = {"groups": [{k: v for k, v in g.items() if k != "channel_max"}
-                                                        for g in folds["groups"]], "not_folded": folds["not_folded"]}
+                    header[fold_pass] = {"groups": [{k: v for k, v in g.items() if k != "channel_max"}
+                                                    for g in folds["groups"]], "not_folded": folds["not_folded"]}
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
                                  ctx.float_weights, folds, ctx.stats.get(Rotation.name),
-                                 ctx.stats.get(Gptq.name, {}).get("layers"))
+                                 _weight_algorithm_records(ctx.stats))
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds))
     finally:
@@ -209,29 +213,52 @@ def _pipeline(cfg, explicit: str | None) -> list:
     wanted = [_algorithm_pass(a) for a in cfg.algorithms]
     # Data-free transforms before the observers, then the passes that run the data (the first of
     # them calibrates the observers), weight algorithms last: they need the final float weights.
-    before = [p for p in wanted if "observed" not in p.requires]
-    data = sorted((p for p in wanted if "observed" in p.requires), key=lambda p: "weights_quantized" in p.produces)
+    weights = [p for p in wanted if "weights_quantized" in p.produces]
+    before = [p for p in wanted if "observed" not in p.requires and p not in weights]
+    data = [p for p in wanted if "observed" in p.requires and p not in weights]
+    calibrated = any("calibrated" in p.produces for p in data + weights)
     text = explicit or ",".join(format_pipeline(group) for group in (
-        ["annotate"], before, ["observe"], data or [CALIBRATE], ["convert", "freeze"]) if group)
+        ["annotate"], before, ["observe"], data, [] if calibrated else [CALIBRATE], weights,
+        ["convert", "freeze"]) if group)
     items = parse_pipeline(text)
     check_pipeline(items)
     names = {getattr(i, "name", i) for i in items}
     if missing := [p.name for p in wanted if p.name not in names]:
         raise UserError(f"the spec's algorithms ask for {', '.join(missing)}, which pipeline {text!r} does not run",
-                        hint=f"add {format_pipeline(wanted)} (rotation before observe, smoothquant after it, gptq before convert), "
+                        hint=f"add {format_pipeline(wanted)} (rotation before observe, smoothquant after it, gptq, awq or hqq before convert), "
                              "or leave out --pipeline")
     return items
+
+
+def _check_rule_algorithms(loaded: LoadedSpec, items: list) -> None:
+    """A rule that chooses gptq or hqq for its layers needs that pass in the pipeline: without it
+    the rule would silently leave them rounded to nearest."""
+    names = {getattr(i, "name", i) for i in items}
+    for r, rule in enumerate(loaded.spec.quantization.rules):
+        if rule.algorithm not in (None, "rtn") and rule.algorithm not in names:
+            raise SpecError(f"this rule chooses {rule.algorithm} for its layers, but the build runs no {rule.algorithm}",
+                            where=loaded.source.where(("quantization", "rules", r, "algorithm")),
+                            hint=f"list it under algorithms (e.g. `- {rule.algorithm}: {{}}`), or use rtn")
+
+
+def _weight_algorithm_records(stats: dict) -> dict:
+    """Module path -> the record of the weight algorithm (gptq, hqq) that chose its codes."""
+    return {path: record for name, figures in stats.items()
+            if name in PASSES and "weights_quantized" in PASSES[name].produces
+            for path, record in figures.get("layers", {}).items()}
 
 
 def _algorithm_pass(algorithm):
     options = getattr(algorithm, algorithm.name)
     if algorithm.name == SmoothQuant.name:
         return SmoothQuant(alpha=str(options.alpha), explicit_multiply=options.explicit_multiply)
+    if algorithm.name == Awq.name:
+        return Awq(alpha=str(options.alpha), explicit_multiply=options.explicit_multiply, clip=options.clip)
     if algorithm.name == Rotation.name:
         return Rotation(kind=options.kind, seed=options.seed, residual=options.residual, heads=options.heads,
                         online_down_proj=options.online_down_proj)
-    if algorithm.name == Gptq.name:
-        return Gptq(**options.model_dump())
+    if algorithm.name in (Gptq.name, Hqq.name):
+        return PASSES[algorithm.name](**options.model_dump())
     raise AssertionError(f"algorithm {algorithm.name} has no pass")
 
 

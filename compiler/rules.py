@@ -72,7 +72,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
     for layer in layers:
         if any(fnmatch.fnmatchcase(layer.path, p) for p in quantization.exclude):
             continue
-        fields, origin, applied = dict(base), dict(base_origin), list(default_label)
+        fields, origin, applied, algorithm = dict(base), dict(base_origin), list(default_label), None
         for r, rule in enumerate(quantization.rules):
             hit = next((p for p in rule.match if fnmatch.fnmatchcase(layer.path, p)), None)
             if hit is None:
@@ -81,6 +81,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
             for role in rule.model_fields_set & set(ROLES):
                 fields[role] = overlay(fields[role], getattr(rule, role))
                 origin[role] = q_loc + ("rules", r, role)
+            algorithm = rule.algorithm or algorithm
         formats = {}
         for role in ROLES:
             if fields[role] is None:
@@ -106,5 +107,5 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
             formats[role] = to_format(scheme, target)
         fmt = LayerFormat(**formats)
         if fmt.tensors:
-            plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied))
+            plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied), algorithm)
     return plan

@@ -103,6 +103,9 @@ class Rule(_Model):
     weight: TensorPatch | None = None
     input: TensorPatch | None = None
     output: TensorPatch | None = None
+    algorithm: Literal["rtn", "gptq", "awq", "hqq"] | None = Field(
+        default=None, description="the weight algorithm of the matched layers: rtn rounds them to nearest; "
+                                  "gptq, awq or hqq must be the one `algorithms` lists (later rules over earlier)")
 
     @field_validator("match", mode="before")
     @classmethod
@@ -303,6 +306,35 @@ class GptqOptions(_Model):
                                                        "the float model's")
 
 
+class AwqOptions(_Model):
+    alpha: float | Literal["auto"] = Field(
+        default="auto", description="strength in (0, 1): s = mean|X|^alpha per input channel; auto searches it "
+                                    "per fold group on the calibration data")
+    clip: bool = Field(default=True, description="then clip each group's range to its least output error on the "
+                                                 "calibration rows")
+    explicit_multiply: bool = Field(
+        default=False, description="where no producer can absorb the factors, multiply the layer's input by them "
+                                   "explicitly (a stored pre_quant_scale): qfx.runtime and ONNX run it; "
+                                   "Quark-format loaders such as vLLM's do not")
+
+    @field_validator("alpha")
+    @classmethod
+    def _open_unit(cls, value):
+        if value != "auto" and not 0 < value < 1:
+            raise ValueError(f"alpha must be in (0, 1) or auto, got {value}")
+        return value
+
+
+class HqqOptions(_Model):
+    iterations: int = Field(default=20, ge=1, le=1000, description="refits of each group's grid at most; the loop "
+                                                                   "stops once one improves no group")
+    lp_norm: float = Field(default=0.7, gt=0, le=1, description="p of the lp norm whose shrinkage separates a "
+                                                                "group's outliers from what its grid fits")
+    beta: float = Field(default=10.0, gt=0, description="strength of the shrinkage, in weight units: residuals "
+                                                        "below beta^(-1/(2-p)) count fully in the fit")
+    kappa: float = Field(default=1.01, ge=1, description="beta's growth per iteration")
+
+
 class Algorithm(_Model):
     """One entry of `algorithms`: a mapping with a single key naming the algorithm."""
 
@@ -314,6 +346,13 @@ class Algorithm(_Model):
     gptq: GptqOptions | None = Field(
         default=None, description="GPTQ: integer weights rounded column by column, each column's error spread "
                                   "over the rest through the inverse Hessian of the layer's calibration inputs")
+    awq: AwqOptions | None = Field(
+        default=None, description="AWQ: input channels scaled by their mean activation before rounding (folded "
+                                  "exactly, as SmoothQuant's), then each group's range clipped to its least "
+                                  "output error on the calibration data")
+    hqq: HqqOptions | None = Field(
+        default=None, description="HQQ: each group's scale (and integer zero point) refitted to its weights by "
+                                  "half-quadratic optimization; needs no calibration data")
 
     @model_validator(mode="before")
     @classmethod
@@ -336,6 +375,10 @@ class Algorithm(_Model):
         return next(iter(self.model_fields_set))
 
 
+# Algorithms that choose the weights' codes (the others transform the float model).
+WEIGHT_ALGORITHMS = ("gptq", "awq", "hqq")
+
+
 class Spec(_Model):
     version: Literal[1]
     model: ModelSource | None = Field(default=None, description="required unless qfx.compile is given a model")
@@ -356,6 +399,11 @@ class Spec(_Model):
         names = [a.name for a in algorithms]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"{', '.join(twice)} is listed more than once")
+        if len(chosen := [n for n in names if n in WEIGHT_ALGORITHMS]) > 1:
+            raise ValueError(f"{' and '.join(chosen)} both choose the weights' codes: list one of them")
+        if "smoothquant" in names and "awq" in names:
+            raise ValueError("smoothquant and awq both fold per-channel scales into the same producers: list one "
+                             "(awq for weight-only builds, smoothquant where activations are quantized)")
         if "rotation" in names and "smoothquant" in names and names.index("smoothquant") < names.index("rotation"):
             raise ValueError("rotation must come before smoothquant: rotating fuses the norm weights, and the "
                              "smoothing folded into them, into the linears, where the rotation spreads it away")

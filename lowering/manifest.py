@@ -53,10 +53,10 @@ def _fmt_cell(fmt) -> str:
     return "—" if fmt is None else fmt.describe()
 
 
-def _smoothquant_section(record: dict | None, pictures: list[str]) -> list[str]:
+def _smoothquant_section(record: dict | None, pictures: list[str], title: str = "SmoothQuant") -> list[str]:
     if not record:
         return []
-    lines = ["## SmoothQuant folds", "", "| producer | consumers | channels | α | group error before → after |",
+    lines = [f"## {title} folds", "", "| producer | consumers | channels | α | group error before → after |",
              "|---|---|---|---|---|"]
     for g in record["groups"]:
         alpha = "not smoothed (no α helped)" if g["alpha"] is None else g["alpha"]
@@ -96,12 +96,15 @@ def _weight_algorithm_section(layers: dict) -> list[str]:
     records = {path: rec["weight_algorithm"] for path, rec in layers.items() if "weight_algorithm" in rec}
     if not records:
         return []
-    lines = ["## Weight algorithm", "", "Relative output error of each layer on calibration rows, rounded to "
-             "nearest vs the algorithm's weights (same grid).", "",
-             "| layer | algorithm | damping | dead inputs | output error RTN → algorithm |", "|---|---|---|---|---|"]
+    lines = ["## Weight algorithm", "", "Relative error of each layer, rounded to nearest vs the algorithm's choice: "
+             "of its output on calibration rows where the algorithm saw data, else of its weight.", "",
+             "| layer | algorithm | details | error | RTN → algorithm |", "|---|---|---|---|---|"]
     for path, rec in records.items():
-        errors = rec["output_error"]
-        lines.append(f"| `{path}` | {rec['name']} | {rec['damp']:g} | {rec['dead_inputs']} | "
+        measure = "output_error" if "output_error" in rec else "weight_error"
+        errors = rec[measure]
+        details = (f"damping {rec['damp']:g}, {rec['dead_inputs']} dead inputs" if "damp" in rec
+                   else f"{rec['iterations']} iterations" if "iterations" in rec else "")
+        lines.append(f"| `{path}` | {rec['name']} | {details} | {measure.removesuffix('_error')} | "
                      f"{errors['rtn']:.4g} → {errors[rec['name']]:.4g} |")
     return lines + [""]
 
@@ -133,7 +136,9 @@ def render_report(manifest: dict) -> str:
                   f"{verify['free_running_rel_error']:.3g}", ""]
     pictures = [name for name in manifest.get("artifact", {}) if name.endswith(".png")]
     lines += _rotation_section(manifest.get("rotation"), pictures)
-    lines += _smoothquant_section(manifest.get("smoothquant"), [p for p in pictures if p in (LAYERS_PNG, CHANNELS_PNG)])
+    fold_pictures = [p for p in pictures if p in (LAYERS_PNG, CHANNELS_PNG)]
+    lines += _smoothquant_section(manifest.get("smoothquant"), fold_pictures)
+    lines += _smoothquant_section(manifest.get("awq"), fold_pictures, "AWQ")
     lines += _weight_algorithm_section(manifest["layers"])
     lines += ["## Layers", "", "| layer | rules | weight | input | output | weight SQNR (dB) | weight scale range |",
               "|---|---|---|---|---|---|---|"]

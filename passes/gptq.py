@@ -34,8 +34,10 @@ import torch
 
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import get_quant
 from qfx.passes.sequential import run_sequential
+from qfx.passes.weight_algorithm import relative_error, taken_and_left
 from qfx.runtime.errors import PassFailure
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import fake_quantize, quantize, weight_axis, weight_qparams
@@ -196,9 +198,7 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
 
 def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor) -> float:
     """||X (W - Q)^T|| / ||X W^T|| on the recorded rows."""
-    reference = rows @ w.float().T
-    return float(torch.linalg.vector_norm(rows @ q.float().T - reference) /
-                 torch.linalg.vector_norm(reference).clamp_min(1e-30))
+    return relative_error(rows @ w.float().T, rows @ q.float().T)
 
 
 def sample_rows(inputs: list[torch.Tensor], count: int) -> torch.Tensor:
@@ -208,24 +208,6 @@ def sample_rows(inputs: list[torch.Tensor], count: int) -> torch.Tensor:
     picked = torch.linspace(0, int(starts[-1]) - 1, min(count, int(starts[-1]))).long()
     batch_of = torch.searchsorted(starts[1:], picked, right=True)
     return torch.stack([flat[b][i - starts[b]] for b, i in zip(batch_of.tolist(), picked.tolist())]).float()
-
-
-def gptq_eligible(node: torch.fx.Node) -> str | None:
-    """Why GPTQ leaves a quantized linear to round-to-nearest, or None when it takes it."""
-    quant = get_quant(node)
-    weight = node.args[1]
-    if quant is None or quant.fmt.weight is None:
-        return "weight not quantized"
-    if quant.fmt.weight.dtype.is_fp8:
-        return "FP8 weights are rounded to nearest"
-    if weight.op != "get_attr" or len(weight.users) > 1:
-        return "weight computed in the graph or shared with other nodes (tied)"
-    return None
-
-
-def _tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +231,7 @@ class Gptq(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         if ctx.calibration_batches is None:
             raise PassFailure("gptq needs calibration data, and this build has none")
-        chosen = [n for n in linear_nodes(gm) if gptq_eligible(n) is None]
+        chosen, skipped = taken_and_left(gm, self.name)
         # Linears that read one input in one format (q/k/v, gate/up) share its Hessian and are
         # solved as one stacked weight: GPTQ treats the rows of a weight independently.
         siblings: dict[tuple, list[torch.fx.Node]] = {}
@@ -257,18 +239,24 @@ class Gptq(Pass):
             siblings.setdefault((node.args[0], get_quant(node).fmt.weight), []).append(node)
         solved: dict[torch.fx.Node, torch.Tensor] = {}
         records: dict[str, dict] = {}
+        # Layers a rule keeps at round-to-nearest run rounded too, so that what follows them sees
+        # the activations it will see at inference.
+        by_rule = {module for module, why in skipped.items() if why == "a rule chose rtn"}
+        rounded = [n for n in linear_nodes(gm) if self.sequential and get_quant(n) and get_quant(n).module in by_rule]
 
         def solve(linear: torch.fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor:
+            if linear in rounded:
+                fmt = get_quant(linear).fmt.weight
+                w = get_tensor(gm, linear.args[1].target).detach()
+                return fake_quantize(w, *weight_qparams(w, fmt), fmt.dtype, weight_axis(fmt), fmt.group_size).to(w.dtype)
             if linear not in solved:
                 group = siblings[(linear.args[0], get_quant(linear).fmt.weight)]
                 solved.update(self.solve_group(gm, group, inputs, ctx, records))
             return solved.pop(linear)
 
         # Unless an earlier pass calibrated the observers, this pass over the data does.
-        run_sequential(gm, list(ctx.calibration_batches()), chosen, solve, sequential=self.sequential,
+        run_sequential(gm, list(ctx.calibration_batches()), chosen + rounded, solve, sequential=self.sequential,
                        calibrate="calibrated" not in ctx.facts, root_prefix=ctx.root_prefix, desc="gptq")
-        skipped = {get_quant(n).module: why for n in linear_nodes(gm)
-                   if get_quant(n) is not None and n not in chosen and (why := gptq_eligible(n)) != "weight not quantized"}
         return PassResult(gm, modified=bool(chosen), stats={"layers": records, "rounded_to_nearest": skipped})
 
     def solve_group(self, gm, group: list[torch.fx.Node], inputs: list[torch.Tensor], ctx: PassContext,
@@ -281,7 +269,7 @@ class Gptq(Pass):
         order, factor, damp, dead = invert_hessian(accumulate_hessian(inputs), self.damp, self.act_order,
                                                    " and ".join(names))
         rows = sample_rows(inputs, ERROR_ROWS)
-        weights = [_tensor(gm, n.args[1].target).detach() for n in group]
+        weights = [get_tensor(gm, n.args[1].target).detach() for n in group]
         qparams = [weight_qparams(w, fmt) for w in weights]  # static groups: fixed before any column moves
         sizes = [w.shape[0] for w in weights]
         stacked = torch.cat([w.float() for w in weights])

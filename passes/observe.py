@@ -98,16 +98,29 @@ def _fresh_names(gm: torch.fx.GraphModule):
 
 
 def calibration_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The part of `gm` that feeds its observers, sharing gm's modules and tensors.
+    """The part of `gm` that feeds its recorders (observers, a pass's statistics modules), sharing
+    gm's modules and tensors.
 
-    Calibration only needs the observers to see their inputs, so whatever runs after the
-    last observer (typically the LM head, a fifth of a small LLM's compute) is cut. The slice
-    returns nothing: observers are impure, so they survive dead-code elimination, and each
-    activation is freed after its last reader instead of living until the graph returns."""
+    Calibration only needs the recorders to see their inputs, so whatever runs after the last
+    one (typically the LM head, a fifth of a small LLM's compute) is cut, and so is whatever no
+    recorder reads: a weight-only build's graph has none, and runs nothing. The cut is by
+    reachability, not dead-code elimination, which keeps nodes torch calls impure (export's
+    metadata asserts, attention with its dropout) and with them the whole model. The slice
+    returns nothing, so each activation is freed after its last reader."""
     graph = torch.fx.Graph()
     graph.graph_copy(gm.graph, {})
     graph.output(None)
+    needed: set[torch.fx.Node] = set()
+    stack = [n for n in graph.nodes
+             if n.op == "call_module" and getattr(gm.get_submodule(n.target), "_is_impure", False)]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("output", "placeholder") and node not in needed:
+            graph.erase_node(node)
     sliced = torch.fx.GraphModule(gm, graph)
-    sliced.graph.eliminate_dead_code()
     sliced.recompile()
     return sliced

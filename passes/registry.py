@@ -10,16 +10,19 @@ import dataclasses
 import re
 
 from qfx.passes.annotate import Annotate
+from qfx.passes.awq import Awq
 from qfx.passes.base import Pass
 from qfx.passes.convert import Convert
 from qfx.passes.freeze import Freeze
 from qfx.passes.gptq import Gptq
+from qfx.passes.hqq import Hqq
 from qfx.passes.observe import Observe
 from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.runtime.errors import UserError
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Rotation, SmoothQuant, Observe, Gptq, Convert, Freeze)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Rotation, SmoothQuant, Observe, Gptq, Awq, Hqq,
+                                                      Convert, Freeze)}
 CALIBRATE = "calibrate"
 DEFAULT_PIPELINE = "annotate,observe,calibrate,convert,freeze"
 

@@ -20,6 +20,7 @@ range does not (percentile, moving average) make every observer see the data a s
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -61,7 +62,7 @@ class ChannelStats(torch.nn.Module):
     def __init__(self, rows: int):
         super().__init__()
         self.max_rows = rows
-        self.lo = self.hi = None
+        self.lo = self.hi = self.abs_sum = None
         self.kept: list[torch.Tensor] = []
         self.stride, self.seen = 1, 0
 
@@ -71,11 +72,17 @@ class ChannelStats(torch.nn.Module):
             lo, hi = torch.aminmax(flat, dim=0)
             self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
             self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+            abs_sum = flat.abs().sum(0, dtype=torch.float64)
+            self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
             self.kept.append(flat[(-self.seen) % self.stride::self.stride].clone())
             self.seen += flat.shape[0]
             if sum(t.shape[0] for t in self.kept) > 2 * self.max_rows:  # keep every other row
                 self.kept, self.stride = [torch.cat(self.kept)[::2]], self.stride * 2
         return x
+
+    def abs_mean(self) -> torch.Tensor:
+        """mean |X| per channel (float64), over every row seen."""
+        return self.abs_sum / max(self.seen, 1)
 
     def rows(self, n: int) -> torch.Tensor:
         """About n rows, evenly spaced over everything seen (between n and 2n were kept)."""
@@ -107,69 +114,91 @@ class SmoothQuant(Pass):
         if self.rows < 1:
             raise ValueError(f"rows must be at least 1, got {self.rows}")
 
+    def reads(self, linear: torch.fx.Node) -> bool:
+        """Whether this pass smooths for `linear`: SmoothQuant for a quantized input."""
+        return _input_format(linear) is not None
+
     def run(self, gm, ctx: PassContext) -> PassResult:
+        records, not_folded, stale, _, _ = self.smooth_groups(gm, ctx, [])
+        return PassResult(gm, modified=any(r["alpha"] is not None for r in records),
+                          stats={"groups": records, "not_folded": not_folded, "observers_recalibrated": stale})
+
+    def smooth_groups(self, gm, ctx: PassContext, also_record: list[torch.fx.Node]) -> tuple:
+        """Search and fold every group; run the data once (plus once more if some observer's range
+        cannot follow from the statistics). Returns the groups' records, the linears left
+        unsmoothed, the number of observers recalibrated, the statistics of every group input and
+        of the inputs of `also_record`, and each smoothed linear's column factors."""
         if ctx.run_data is None or ctx.example is None:
-            raise PassFailure("smoothquant needs the calibration data and an example input in the pass context")
+            raise PassFailure(f"{self.name} needs the calibration data and an example input in the pass context")
         groups, refused = find_fold_groups(gm, ctx.example, concrete_values(gm, ctx.example))
         chosen, skipped = [], []
         for group in groups:
-            if not any(_input_format(c) is not None for c in group.consumers):
+            if not any(self.reads(c) for c in group.consumers):
                 continue  # nothing quantizes what this group would smooth
             if reason := _cannot_edit(gm, group):
                 skipped.append(Unfoldable(group.producer, group.consumers, reason))
                 continue
             chosen.append(group)
         if self.explicit_multiply:
-            multiplied, unmultiplied = _multiply_groups(gm, chosen)
+            multiplied, unmultiplied = _multiply_groups(gm, chosen, self.reads)
             chosen, skipped = chosen + multiplied, skipped + unmultiplied
         observers = [gm.get_submodule(n.target) for n in gm.graph.nodes if observer_name(n)]
         for observer in observers:  # whatever they saw before is replaced by this pass's data
             observer.reset()
-        stats = _collect(gm, ctx, chosen, self.rows)
-        records, stale = [], []
+        stats = _collect(gm, ctx, [c.args[0] for g in chosen for c in g.consumers] +
+                         [n.args[0] for n in also_record], self.rows)
+        records, stale, factors = [], [], {}
         for group in chosen:
             record, scales = self._smooth(gm, group, stats, ctx.root_prefix)
             records.append(record)
             if scales is not None:
                 stale += _rescale_observers(gm, group, scales, stats)
+                factors.update(zip(group.consumers, column_scales(group, scales)))
         gm.recompile()
         if stale:  # some range follows from no statistic: every observer sees the smoothed data once
             for observer in observers:
                 observer.reset()
             ctx.run_data(gm)
-        not_folded = _not_folded(gm, chosen, refused + skipped, ctx.root_prefix)
-        return PassResult(gm, modified=any(r["alpha"] is not None for r in records),
-                          stats={"groups": records, "not_folded": not_folded,
-                                 "observers_recalibrated": len(stale)})
+        not_folded = _not_folded(gm, chosen, refused + skipped, ctx.root_prefix, self.reads)
+        return records, not_folded, len(stale), stats, factors
+
+    def factors(self, alpha: float, x_max: torch.Tensor, w_max: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
+        """Each producer channel's factor for `alpha` (float64): s = max|X|^α / max|W|^(1-α)."""
+        return x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)
+
+    def search(self, evaluate: Callable[[float], float]) -> None:
+        """Evaluate the α candidates: the coarse grid, then halfway to the best one's neighbours
+        (or the one fixed α)."""
+        if self.alpha != "auto":
+            evaluate(float(self.alpha))
+            return
+        best = min(ALPHA_COARSE, key=evaluate)
+        for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
+            if 0 < a < 1:
+                evaluate(a)
 
     def _smooth(self, gm, group: FoldGroup, stats: dict, prefix: str) -> tuple[dict, torch.Tensor | None]:
         inputs = [stats[c.args[0]] for c in group.consumers]
         weights = [get_tensor(gm, c.args[1].target).detach().float() for c in group.consumers]
-        x_max, w_max = _channel_max(group, inputs, weights)
+        x_max, w_max, x_mean = _channel_stats(group, inputs, weights)
         consumers = [_Consumer(c, stat, w, self.rows) for c, stat, w in zip(group.consumers, inputs, weights)]
         usable = group.foldable & (x_max > 0) & (w_max > 0)
 
         def scales(alpha: float) -> torch.Tensor:
-            s = (x_max.clamp(min=S_MIN) ** alpha / w_max.clamp(min=S_MIN) ** (1 - alpha)).clamp(S_MIN, S_MAX)
+            s = self.factors(alpha, x_max, w_max, x_mean).clamp(S_MIN, S_MAX)
             return torch.where(usable, s, torch.ones((), dtype=torch.float64))
 
         errors: dict = {}
 
-        def evaluate(a: float | None) -> None:
+        def evaluate(a: float | None) -> float:
             errors[a] = _group_errors(group, consumers, torch.ones_like(x_max) if a is None else scales(a), a)
             best = min((b for b in errors if b is not None), key=lambda b: _group_error(errors[b]), default=None)
             for c in consumers:  # the weight SQNR is reported for these two only
                 c.keep({None, best})
+            return _group_error(errors[a])
 
         evaluate(None)
-        candidates = ALPHA_COARSE if self.alpha == "auto" else (float(self.alpha),)
-        for a in candidates:
-            evaluate(a)
-        if self.alpha == "auto":
-            best = min(candidates, key=lambda a: _group_error(errors[a]))
-            for a in (round(best - ALPHA_STEP, 2), round(best + ALPHA_STEP, 2)):
-                if 0 < a < 1:
-                    evaluate(a)
+        self.search(evaluate)
         alpha = min((a for a in errors if a is not None), key=lambda a: _group_error(errors[a]))
         if self.alpha == "auto" and _group_error(errors[alpha]) >= _group_error(errors[None]):
             alpha = None  # no α helps this group: leave it as it is
@@ -203,14 +232,15 @@ def _cannot_edit(gm, group: FoldGroup) -> str | None:
     return None
 
 
-def _multiply_groups(gm, folded: list[FoldGroup]) -> tuple[list[FoldGroup], list[Unfoldable]]:
+def _multiply_groups(gm, folded: list[FoldGroup], reads: Callable[[torch.fx.Node], bool]
+                     ) -> tuple[list[FoldGroup], list[Unfoldable]]:
     """One explicit-multiply group per input that quantized linears no fold group reaches read
     (q/k/v of a post-LN block share theirs), and the inputs left alone with the reason."""
     covered = {c for g in folded for c in g.consumers}
     live = nodes_reaching_output(gm)
     feeds: dict[torch.fx.Node, list] = {}
     for node in linear_nodes(gm):
-        if _input_format(node) is not None and node not in covered:
+        if reads(node) and node not in covered:
             feeds.setdefault(node.args[0], []).append(node)
     groups, skipped = [], []
     for feed, consumers in feeds.items():
@@ -252,10 +282,10 @@ def _input_format(linear) -> TensorFormat | None:
     return quant.fmt.input if quant is not None else None
 
 
-def _collect(gm, ctx: PassContext, groups: list[FoldGroup], rows: int) -> dict:
-    """Run the calibration data once, with a ChannelStats on every group input."""
+def _collect(gm, ctx: PassContext, inputs: list[torch.fx.Node], rows: int) -> dict:
+    """Run the calibration data once, with a ChannelStats on each of `inputs` (linears' inputs)."""
     recorders: dict = {}
-    sources = dict.fromkeys(c.args[0] for g in groups for c in g.consumers)  # before any insertion
+    sources = dict.fromkeys(inputs)  # before any insertion
     for source in sources:
         consumer = next(u for u in source.users if u.target is LINEAR)
         name = f"qfx_channel_stats_{len(recorders)}"
@@ -277,16 +307,17 @@ def _collect(gm, ctx: PassContext, groups: list[FoldGroup], rows: int) -> dict:
     return found
 
 
-def _channel_max(group: FoldGroup, inputs: list[ChannelStats], weights: list[torch.Tensor]):
-    """max|X| and max|W| per producer channel, over every consumer column that carries it."""
+def _channel_stats(group: FoldGroup, inputs: list[ChannelStats], weights: list[torch.Tensor]):
+    """max|X|, max|W| and mean|X| per producer channel, over every consumer column that carries it."""
     x_max = torch.zeros(group.producer.channels, dtype=torch.float64)
-    w_max = torch.zeros_like(x_max)
+    w_max, x_mean = torch.zeros_like(x_max), torch.zeros_like(x_max)
     for m, stat, w in zip(group.maps, inputs, weights):
         cols = m >= 0
         x_col = torch.maximum(-stat.lo, stat.hi).double()
         x_max.scatter_reduce_(0, m[cols], x_col[cols], "amax")
         w_max.scatter_reduce_(0, m[cols], w.abs().amax(dim=0).double()[cols], "amax")
-    return x_max, w_max
+        x_mean.scatter_reduce_(0, m[cols], stat.abs_mean()[cols], "amax")
+    return x_max, w_max, x_mean
 
 
 class _Consumer:
@@ -359,8 +390,9 @@ def _describe_producer(producer, prefix: str) -> str:
     return module_path(producer.node, prefix) or producer.node.name
 
 
-def _not_folded(gm, chosen: list[FoldGroup], refused: list[Unfoldable], prefix: str) -> list[dict]:
-    """Linears whose quantized input no group smooths, with the reason found for each."""
+def _not_folded(gm, chosen: list[FoldGroup], refused: list[Unfoldable], prefix: str,
+                reads: Callable[[torch.fx.Node], bool]) -> list[dict]:
+    """Linears the pass would smooth for that no group smooths, with the reason found for each."""
     covered = {c for g in chosen for c in g.consumers}
     reasons = {}
     for r in refused:
@@ -369,7 +401,7 @@ def _not_folded(gm, chosen: list[FoldGroup], refused: list[Unfoldable], prefix: 
                           else reasons.get(c, f"{_describe_producer(r.producer, prefix)} cannot fold: {r.reason}"))
     out = []
     for node in linear_nodes(gm):
-        if _input_format(node) is not None and node not in covered:
+        if reads(node) and node not in covered:
             out.append({"layer": module_path(node, prefix),
                         "reason": reasons.get(node, "no producer scales its input channels exactly (a "
                                                     "nonlinearity or a sum lies between them)")})

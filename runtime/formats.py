@@ -141,8 +141,11 @@ class LayerFormat:
 class LayerQuant:
     """One planned layer: its module path, resolved formats and the spec rules behind them.
 
-    `annotate` puts it on the layer's linear node; the artifact's manifest records it."""
+    `annotate` puts it on the layer's linear node; the artifact's manifest records it.
+    `algorithm` is the weight algorithm a rule chose for the layer ("rtn" keeps it out of the
+    spec's weight algorithm); None leaves it to whichever runs."""
 
     module: str
     fmt: LayerFormat
     rules: tuple[str, ...]
+    algorithm: str | None = None

@@ -137,7 +137,7 @@ def test_gptq_artifact_records_every_layer_and_reloads_exactly(tmp_path):
         errors = record["output_error"]
         assert errors["gptq"] < errors["rtn"], (path, errors)  # GPTQ lowers every layer's error
     report = (result.artifact_dir / "report.md").read_text()
-    assert "## Weight algorithm" in report and report.count("| gptq | 0.01 |") == 14
+    assert "## Weight algorithm" in report and report.count("| gptq | damping 0.01, 0 dead inputs | output |") == 14
     verify = manifest["verify"]  # ONNX Runtime against the torch artifact
     assert verify["output_rel_error"] <= verify["tolerance"] and verify["tensors_identical"] >= 14
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))

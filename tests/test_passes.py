@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_spec
 
+import qfx
 from qfx.build import _linears
 from qfx.calib_data import calibration_set, run_calibration
 from qfx.capture import export, wrap_module
@@ -130,3 +131,12 @@ def test_verification_catches_a_pass_that_breaks_the_ir(setup):
     verify_graph(gm)
     with pytest.raises(PassFailure, match="has no 'val' meta"):
         run_pipeline(gm, [Corrupting()], ctx)
+
+
+def test_a_weight_only_build_runs_no_model_node_to_calibrate():
+    """Nothing observes a weight-only graph, so calibration runs none of it: not even the nodes
+    torch keeps through dead-code elimination (export's metadata asserts, attention)."""
+    result = qfx.compile(spec=tiny_spec(preset="w4a16-g32", exclude=["lm_head"]))
+    stats = result.stats["calibrate"]
+    assert stats["nodes_in_graph"] > 100
+    assert stats["nodes_run"] <= 3, stats  # the inputs and the output

@@ -28,10 +28,12 @@ GOOD = "version: 1\nmodel: {factory: 'qfx.examples:tiny_llama'}\nquantization: {
 FIELD_NAMES = ["version", "model", "path", "factory", "target", "calibration", "text", "tokens", "synthetic",
                "samples", "seq_len", "batch_size", "split", "seed", "quantization", "preset", "default", "rules",
                "exclude", "match", "weight", "input", "output", "dtype", "granularity", "group_size",
-               "symmetric", "observer", "reduce_range", "dir", "force", "formats", "onnx", "opset", "verify"]
+               "symmetric", "observer", "reduce_range", "dir", "force", "formats", "onnx", "opset", "verify",
+               "algorithms", "algorithm", "gptq", "hqq", "smoothquant", "rotation", "iterations", "lp_norm"]
 WORDS = ["int8", "uint8", "int4", "uint4", "fp8_e4m3", "per_tensor", "per_channel", "per_group", "per_token",
          "minmax", "percentile", "mse", "w8a8-int8", "w4a16-g32", "gfx942", "cpu", "safetensors", "onnx",
-         "document", "lines", "*", "*k_proj", "lm_head", "qfx.examples:tiny_llama", "no-colon", "", "~/x", "."]
+         "document", "lines", "*", "*k_proj", "lm_head", "qfx.examples:tiny_llama", "no-colon", "", "~/x", ".",
+         "rtn", "gptq", "hqq"]
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=16)  # UTF-8-encodable
 SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**80, max_value=2**80)
