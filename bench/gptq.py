@@ -6,7 +6,7 @@
 The model is bench/compile.py's (random Llama, hidden 1024, 8 layers, seed 0, fp32; lm_head
 excluded). Calibration: 32 x 128 random ids (seed 1); evaluation: 8 x 128 random ids (seed 2);
 figure: relative error of the logits against the fp32 model, ||q - f|| / ||f||. Every weight
-algorithm qfx has (RTN, MSE clipping, GPTQ, HQQ) is built side by side in this process, at 1 thread (the harness the peers
+algorithm qfx has (RTN, MSE clipping, GPTQ, AWQ, HQQ) is built side by side in this process, at 1 thread (the harness the peers
 were measured with). GPTQ's peak RSS is measured apart, in a fresh process that holds only
 the model (bench/compile.py's method).
 
@@ -34,6 +34,7 @@ CASES = [  # (name, quantization, algorithms)
     ("MSE clipping per group (observer: mse)", W4_MSE, []),
     (GPTQ, W4, [{"gptq": {}}]),
     ("GPTQ + MSE clipping", W4_MSE, [{"gptq": {}}]),
+    ("AWQ (scales, then clipping)", W4, [{"awq": {}}]),
     ("HQQ (no data)", W4, [{"hqq": {}}]),
     ("HQQ + MSE clipping", W4_MSE, [{"hqq": {}}]),
 ]

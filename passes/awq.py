@@ -32,7 +32,6 @@ from qfx.passes.weight_algorithm import relative_error, taken_and_left, why_roun
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import fake_quantize, qparams_from_range, quantize, weight_axis, weight_qparams, weight_range
 
-ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0; α = 0 is the group as it is
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
 
 
@@ -74,13 +73,6 @@ class Awq(SmoothQuant):
         usable = x_mean > 0
         s = x_mean.clamp(min=1e-12) ** alpha
         return s / torch.exp(torch.log(s[usable]).mean()) if bool(usable.any()) else s
-
-    def search(self, evaluate) -> None:
-        if self.alpha != "auto":
-            evaluate(float(self.alpha))
-            return
-        for alpha in ALPHA_GRID:
-            evaluate(alpha)
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         taken, skipped = taken_and_left(gm, self.name)

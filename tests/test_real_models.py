@@ -45,7 +45,7 @@ MSE_W8A8 = {"preset": "w8a8-int8", "default": {"weight": {"observer": "mse"}, "i
 W4_G64_MSE = {"preset": "w4a16-g64", "default": {"weight": {"observer": "mse"}}}
 ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
               "rotation": [{"rotation": {"online_down_proj": True}}],
-              "gptq": [{"gptq": {}}], "hqq": [{"hqq": {}}]}
+              "gptq": [{"gptq": {}}], "hqq": [{"hqq": {}}], "awq": [{"awq": {}}]}
 
 
 @pytest.mark.parametrize("name, quantization, target, limit_pct", [
@@ -63,6 +63,7 @@ ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
     # (+6.94% on 16 samples; float rounding of the Hessian moves it by about a point)
     ("w4a16-g64-gptq", {"preset": "w4a16-g64"}, "cpu", 8.0),
     ("w4a16-g64-mse-gptq", W4_G64_MSE, "cpu", 6.0),  # static groups clipped by mse: +3.87%
+    ("w4a16-g64-awq", {"preset": "w4a16-g64"}, "cpu", 15.0),  # scales, then clipping: +10.97%
     # no data: each group's scale refitted to its weight (RTN +25.39%): +20.34%
     ("w4a16-g64-hqq", {"preset": "w4a16-g64"}, "cpu", 22.0),
     ("w4a16-g64-mse-hqq", W4_G64_MSE, "cpu", 17.0),  # from mse's clipped ranges (alone +15.57%): +15.50%
@@ -92,7 +93,7 @@ MINILM_ALGORITHMS = {"w8a8-int8-static-rotation": [MINILM_ROTATION],
                      "w8a8-int8-static-rotation-smoothquant": [
                          MINILM_ROTATION, {"smoothquant": {"alpha": "auto", "explicit_multiply": True}}],
                      "w4a16-g128-gptq": [{"gptq": {}}], "w4a16-g128-mse-gptq": [{"gptq": {}}],
-                     "w4a16-g128-hqq": [{"hqq": {}}]}
+                     "w4a16-g128-hqq": [{"hqq": {}}], "w4a16-g128-awq": [{"awq": {}}]}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,7 @@ def minilm_build(minilm_lines, tmp_path_factory):
     ("w4a16-g128-gptq", {"preset": "w4a16-g128"}, "cpu", 0.96),  # act_order, static groups: 0.9679
     # static groups clipped by mse: 0.9764
     ("w4a16-g128-mse-gptq", {"preset": "w4a16-g128", "default": {"weight": {"observer": "mse"}}}, "cpu", 0.97),
+    ("w4a16-g128-awq", {"preset": "w4a16-g128"}, "cpu", 0.955),  # scales, then clipping: 0.9597
     # no data, scales refitted: 0.9398 (from mse's clipped ranges 0.9523, mse alone 0.9519)
     ("w4a16-g128-hqq", {"preset": "w4a16-g128"}, "cpu", 0.935),
     # post-LN: no residual rotation; R2 and R4 (measured 0.9930; seeds 1, 2: 0.9931, 0.9931)
