@@ -50,10 +50,11 @@ class TensorScheme(_Model):
     group_size: int | None = Field(default=None, ge=2, description="elements per group along K (per_group)")
     symmetric: bool = True
     observer: ObserverKind | None = Field(
-        default=None, description="range estimator: activations minmax (default), moving_average, percentile "
-                                  "or mse (the range with the least quantization error on a histogram of the "
-                                  "calibration data; per_token takes none); weights minmax (default) or mse "
-                                  "(each channel or group clipped to its least squared error)")
+        default=None, description="range estimator: activations minmax (default), moving_average, percentile, "
+                                  "mse (the min-max range shrunk to the least quantization error on a histogram "
+                                  "of the calibration data) or histogram (each end narrowed on its own, greedily, "
+                                  "as torch's HistogramObserver; per_token takes none); weights minmax (default) "
+                                  "or mse (each channel or group clipped to its least squared error)")
     reduce_range: bool = Field(
         default=False, description="int8 weights in 7 bits (-64..63): ONNX Runtime's fast uint8 x int8 "
                                    "kernels are then exact on x86 CPUs without VNNI; costs about 6 dB of weight SQNR")
@@ -73,9 +74,6 @@ class TensorScheme(_Model):
             raise ValueError("fp8_e4m3 has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
-        if self.observer is ObserverKind.histogram:
-            raise ValueError("observer histogram is reserved but not available yet; use minmax, moving_average "
-                             "or percentile (or mse for weights)")
         return self
 
 

@@ -48,14 +48,16 @@ def shrink_cutoff(beta: float, p: float) -> float:
 
 
 def hqq_qparams(w: torch.Tensor, fmt: TensorFormat, iterations: int = 20, lp_norm: float = 0.7,
-                beta: float = 10.0, kappa: float = 1.01) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(scale, zero point, iterations run) of a [out, in] weight, shaped as weight_qparams gives them.
+                beta: float = 10.0, kappa: float = 1.01, start: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(scale, zero point, iterations run) of a [out, in] weight, shaped as weight_qparams gives them,
+    from `start` (default: weight_qparams's, the format's observer).
 
     Each iteration refits the grid to the weight less its sparse outliers, rounds on the new grid
     and keeps, per group, whichever grid has the smaller squared error. The residual of the
     rounding is reused by the next refit, and the shrink step is skipped when no residual
     reaches its cutoff (for LLM weights, most iterations): both exact, they halve the work."""
-    scale0, zero0 = weight_qparams(w, fmt)
+    scale0, zero0 = start or weight_qparams(w, fmt)
     x = _units(w.float(), fmt)
     n = x.shape[1]
     qmin, qmax = fmt.qmin, fmt.qmax
@@ -133,9 +135,10 @@ class Hqq(Pass):
             quant = get_quant(node)
             fmt = quant.fmt.weight
             w = get_tensor(gm, node.args[1].target).detach()
-            scale, zero, ran = hqq_qparams(w, fmt, self.iterations, self.lp_norm, self.beta, self.kappa)
+            start = weight_qparams(w, fmt)  # RTN's grid: the start, and the record's reference
+            scale, zero, ran = hqq_qparams(w, fmt, self.iterations, self.lp_norm, self.beta, self.kappa, start)
             axis = weight_axis(fmt)
-            rtn = fake_quantize(w, *weight_qparams(w, fmt), fmt.dtype, axis, fmt.group_size)
+            rtn = fake_quantize(w, *start, fmt.dtype, axis, fmt.group_size)
             ours = fake_quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size)
             ctx.quantized_weights[quant.module] = (quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size),
                                                    scale, zero)

@@ -150,17 +150,56 @@ class MseObserver(Observer):
         index = ((self._centres(self.lo, self.hi) - float(lo)) / width).long().clamp(0, self.HISTOGRAM_BINS - 1)
         return torch.zeros(self.HISTOGRAM_BINS, dtype=torch.float64).index_add_(0, index, self.counts)
 
+    def cost(self, centres: torch.Tensor, lo, hi) -> float:
+        """The squared quantization error of everything seen, with the range lo..hi."""
+        scale, zero_point = numerics.qparams_from_range(lo, hi, self.fmt)
+        error = (numerics.fake_quantize(centres, scale, zero_point, self.fmt.dtype) - centres).double().square()
+        return float((error * self.counts).sum())
+
     def range(self):
         lo, hi = super().range()
         centres = self._centres(lo, hi).float()
         best, best_range = float("inf"), (lo, hi)
         for ratio in numerics.MSE_CLIP_RATIOS:
-            scale, zero_point = numerics.qparams_from_range(lo * ratio, hi * ratio, self.fmt)
-            error = (numerics.fake_quantize(centres, scale, zero_point, self.fmt.dtype) - centres).double().square()
-            cost = float((error * self.counts).sum())
+            cost = self.cost(centres, lo * ratio, hi * ratio)
             if cost < best:
                 best, best_range = cost, (lo * ratio, hi * ratio)
         return best_range
+
+
+class HistogramObserver(MseObserver):
+    """torch's HistogramObserver search on MseObserver's histogram: the range's ends move inwards
+    bin by bin, each step taking the end whose move drops less of the data (a quantile step of
+    QUANTILE_STEP), for as long as the quantization error does not grow. Unlike mse's one
+    shrink ratio, each end finds its own place: a one-sided outlier is clipped on its side only
+    (which an asymmetric format turns into resolution; a symmetric one only gains where the
+    larger end moves)."""
+
+    QUANTILE_STEP = 1e-4
+
+    def range(self):
+        lo, hi = Observer.range(self)
+        centres = self._centres(lo, hi).float()
+        edges = torch.linspace(float(lo), float(hi), self.HISTOGRAM_BINS + 1)
+        cdf = self.counts.cumsum(0) / self.counts.sum().clamp_min(1e-30)
+        start, end = 0, self.HISTOGRAM_BINS - 1  # the range is edges[start] .. edges[end + 1]
+        alpha, beta = 0.0, 1.0  # the quantiles dropped below and kept below
+        best = self.cost(centres, lo, hi)
+        while alpha < beta:
+            left = min(int(torch.searchsorted(cdf, alpha + self.QUANTILE_STEP)), end)
+            right = max(int(torch.searchsorted(cdf, beta - self.QUANTILE_STEP, right=True)) - 1, start)
+            new_start, new_end = start, end
+            if left - start > end - right:
+                new_end, beta = right, beta - self.QUANTILE_STEP
+            else:
+                new_start, alpha = left, alpha + self.QUANTILE_STEP
+            if (new_start, new_end) == (start, end):
+                continue
+            cost = self.cost(centres, edges[new_start], edges[new_end + 1])
+            if cost > best:
+                break
+            best, start, end = cost, new_start, new_end
+        return edges[start].clone(), edges[end + 1].clone()
 
 
 OBSERVERS: dict[ObserverKind, type[Observer]] = {
@@ -168,6 +207,7 @@ OBSERVERS: dict[ObserverKind, type[Observer]] = {
     ObserverKind.moving_average: MovingAverageObserver,
     ObserverKind.percentile: PercentileObserver,
     ObserverKind.mse: MseObserver,
+    ObserverKind.histogram: HistogramObserver,
 }
 
 

@@ -189,7 +189,7 @@ def test_mse_weights_clip_each_group_and_beat_min_max(tmp_path):
 
 @pytest.mark.parametrize("scheme, message", [
     ({"weight": {"observer": "percentile"}}, "use minmax, or mse"),
-    ({"input": {"observer": "histogram"}}, "observer histogram is reserved"),
+    ({"weight": {"observer": "histogram"}}, "use minmax, or mse"),
 ])
 def test_observers_each_role_cannot_take_are_spec_errors(scheme, message):
     with pytest.raises(qfx.SpecError, match=message):
