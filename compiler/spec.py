@@ -304,23 +304,14 @@ class GptqOptions(_Model):
                                                        "the float model's")
 
 
-class AwqOptions(_Model):
+class AwqOptions(SmoothQuantOptions):
+    """SmoothQuant's options (the same fold), with AWQ's scale rule and the clip search."""
+
     alpha: float | Literal["auto"] = Field(
         default="auto", description="strength in (0, 1): s = mean|X|^alpha per input channel; auto searches it "
                                     "per fold group on the calibration data")
     clip: bool = Field(default=True, description="then clip each group's range to its least output error on the "
                                                  "calibration rows")
-    explicit_multiply: bool = Field(
-        default=False, description="where no producer can absorb the factors, multiply the layer's input by them "
-                                   "explicitly (a stored pre_quant_scale): qfx.runtime and ONNX run it; "
-                                   "Quark-format loaders such as vLLM's do not")
-
-    @field_validator("alpha")
-    @classmethod
-    def _open_unit(cls, value):
-        if value != "auto" and not 0 < value < 1:
-            raise ValueError(f"alpha must be in (0, 1) or auto, got {value}")
-        return value
 
 
 class HqqOptions(_Model):
