@@ -231,7 +231,7 @@ def _pipeline(cfg, explicit: str | None) -> list:
 
 
 def _check_rule_algorithms(loaded: LoadedSpec, items: list) -> None:
-    """A rule that chooses gptq or hqq for its layers needs that pass in the pipeline: without it
+    """A rule that chooses gptq, awq or hqq for its layers needs that pass in the pipeline: without it
     the rule would silently leave them rounded to nearest."""
     names = {getattr(i, "name", i) for i in items}
     for r, rule in enumerate(loaded.spec.quantization.rules):
@@ -242,7 +242,7 @@ def _check_rule_algorithms(loaded: LoadedSpec, items: list) -> None:
 
 
 def _weight_algorithm_records(stats: dict) -> dict:
-    """Module path -> the record of the weight algorithm (gptq, hqq) that chose its codes."""
+    """Module path -> the record of the weight algorithm (gptq, awq, hqq) that chose its codes."""
     return {path: record for name, figures in stats.items()
             if name in PASSES and "weights_quantized" in PASSES[name].produces
             for path, record in figures.get("layers", {}).items()}

@@ -66,7 +66,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
     records and `rotation` the rotation pass's, pictured in PNGs that report.md shows;
     `transforms` each layer's input transforms, in order (passes.input_transforms);
-    `weight_algorithms` the records of the layers a weight algorithm (gptq, hqq) quantized."""
+    `weight_algorithms` the records of the layers a weight algorithm (gptq, awq, hqq) quantized."""
     transforms = transforms or {}
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]

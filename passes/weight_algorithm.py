@@ -1,4 +1,4 @@
-"""What the weight algorithms (gptq, hqq) share: which layers they take, and how a layer's
+"""What the weight algorithms (gptq, awq, hqq) share: which layers they take, and how a layer's
 choice is measured."""
 from __future__ import annotations
 
