@@ -21,6 +21,7 @@ folded float weights, the build's reference.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -77,8 +78,10 @@ class Awq(SmoothQuant):
     def run(self, gm, ctx: PassContext) -> PassResult:
         taken, skipped = taken_and_left(gm, self.name)
         groups, not_folded, stale, stats, factors = self.smooth_groups(gm, ctx, taken)
+        from tqdm import tqdm
+
         layers = {}
-        for node in taken:
+        for node in tqdm(taken, desc=f"{self.name} clip", unit="layer", disable=not sys.stderr.isatty(), leave=False):
             quant = get_quant(node)
             fmt = quant.fmt.weight
             w = get_tensor(gm, node.args[1].target).detach()  # folded: W diag(t)

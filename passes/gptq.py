@@ -196,9 +196,9 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
     return (out if order is None else out[torch.argsort(order)]).T
 
 
-def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor) -> float:
-    """||X (W - Q)^T|| / ||X W^T|| on the recorded rows."""
-    return relative_error(rows @ w.float().T, rows @ q.float().T)
+def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+    """||X (W - Q)^T|| / ||X W^T|| on the recorded rows (`reference`: X W^T, when already at hand)."""
+    return relative_error(rows @ w.float().T if reference is None else reference, rows @ q.float().T)
 
 
 def sample_rows(inputs: list[torch.Tensor], count: int) -> torch.Tensor:
@@ -274,14 +274,17 @@ class Gptq(Pass):
         sizes = [w.shape[0] for w in weights]
         stacked = torch.cat([w.float() for w in weights])
         grid = static_grid(qparams, sizes, stacked.shape[1], fmt)
-        rtn_errors = [output_error(w, r, rows) for w, r in zip(weights, rounded_to_nearest(stacked, grid, fmt).split(sizes))]
+        references = [rows @ w.float().T for w in weights]
+        rtn_errors = [output_error(w, r, rows, ref) for w, r, ref in
+                      zip(weights, rounded_to_nearest(stacked, grid, fmt).split(sizes), references)]
         q = gptq_columns(stacked, factor, grid, order, fmt, self.block_size)
         del stacked
         new = {}
-        for node, name, w, params, q_rows, rtn_error in zip(group, names, weights, qparams, q.split(sizes), rtn_errors):
+        for node, name, w, params, q_rows, rtn_error, ref in zip(group, names, weights, qparams, q.split(sizes),
+                                                                 rtn_errors, references):
             records[name] = {"name": self.name, "options": self.options(), "damp": damp, "dead_inputs": dead,
                              "output_error": {"rtn": round(rtn_error, 6),
-                                              "gptq": round(output_error(w, q_rows, rows), 6)}}
+                                              "gptq": round(output_error(w, q_rows, rows, ref), 6)}}
             codes = quantize(q_rows, *params, fmt.dtype, weight_axis(fmt), fmt.group_size)
             ctx.quantized_weights[name] = (codes, *params)
             new[node] = q_rows.to(w.dtype)

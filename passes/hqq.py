@@ -18,6 +18,7 @@ Where qfx departs from the published loop, and why:
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -131,9 +132,11 @@ class Hqq(Pass):
             raise ValueError(f"beta must be > 0 and kappa >= 1, got beta {self.beta}, kappa {self.kappa}")
 
     def run(self, gm, ctx: PassContext) -> PassResult:
+        from tqdm import tqdm
+
         records = {}
         taken, skipped = taken_and_left(gm, self.name)
-        for node in taken:
+        for node in tqdm(taken, desc=self.name, unit="layer", disable=not sys.stderr.isatty(), leave=False):
             quant = get_quant(node)
             fmt = quant.fmt.weight
             w = get_tensor(gm, node.args[1].target).detach()

@@ -20,6 +20,7 @@ range does not (percentile, moving average) make every observer see the data a s
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -147,8 +148,10 @@ class SmoothQuant(Pass):
             observer.reset()
         stats = _collect(gm, ctx, [c.args[0] for g in chosen for c in g.consumers] +
                          [n.args[0] for n in also_record], self.rows)
+        from tqdm import tqdm
+
         records, stale, factors = [], [], {}
-        for group in chosen:
+        for group in tqdm(chosen, desc=f"{self.name} search", unit="group", disable=not sys.stderr.isatty(), leave=False):
             record, scales = self._smooth(gm, group, stats, ctx.root_prefix)
             records.append(record)
             if scales is not None:
