@@ -31,7 +31,16 @@ from qfx.passes.meta import get_quant
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.passes.weight_algorithm import relative_error, taken_and_left, why_rounded_to_nearest
 from qfx.runtime.formats import Granularity, TensorFormat
-from qfx.runtime.numerics import fake_quantize, qparams_from_range, quantize, weight_axis, weight_qparams, weight_range
+from qfx.runtime.numerics import (
+    best_clip,
+    dequantize,
+    fake_quantize,
+    qparams_from_range,
+    quantize,
+    weight_axis,
+    weight_qparams,
+    weight_range,
+)
 
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00 .. 0.50
 
@@ -43,20 +52,13 @@ def clipped_qparams(w: torch.Tensor, x: torch.Tensor, fmt: TensorFormat) -> tupl
     lo, hi = weight_range(w, fmt)
     g = fmt.group_size if fmt.granularity is Granularity.per_group else w.shape[1]
     xg = x.float().reshape(x.shape[0], -1, g)  # [rows, groups, g]
-    best = best_lo = best_hi = None
-    for ratio in CLIP_RATIOS:
-        scale, zero = qparams_from_range(lo * ratio, hi * ratio, fmt)
-        diff = fake_quantize(w, scale, zero, fmt.dtype, weight_axis(fmt), fmt.group_size).sub_(w)
-        # each (output channel, group)'s share of the output error: [rows, groups, out] -> [out, groups]
+
+    def cost(scale, zero_point):  # each (output channel, group)'s share of the output error
+        diff = fake_quantize(w, scale, zero_point, fmt.dtype, weight_axis(fmt), fmt.group_size).sub_(w)
         error = torch.einsum("rgk,ngk->rgn", xg, diff.reshape(w.shape[0], -1, g)).square_().sum(0).T
-        error = error.reshape(lo.shape)
-        if best is None:
-            best, best_lo, best_hi = error, lo * ratio, hi * ratio
-            continue
-        better = error < best
-        best = torch.where(better, error, best)
-        best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
-    return qparams_from_range(best_lo, best_hi, fmt)
+        return error.reshape(lo.shape)  # [out, groups], or [out] per channel
+
+    return qparams_from_range(*best_clip(lo, hi, fmt, CLIP_RATIOS, cost), fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +92,11 @@ class Awq(SmoothQuant):
             x = rows if t is None else rows / t.float()  # the input the folded weight meets
             params = clipped_qparams(w, x, fmt) if self.clip else weight_qparams(w, fmt)
             axis = weight_axis(fmt)
-            ctx.quantized_weights[quant.module] = (quantize(w, *params, fmt.dtype, axis, fmt.group_size), *params)
+            codes = quantize(w, *params, fmt.dtype, axis, fmt.group_size)
+            ctx.quantized_weights[quant.module] = (codes, *params)
             unfolded = w.float() if t is None else w.float() / t.float()
             rtn = fake_quantize(unfolded, *weight_qparams(unfolded, fmt), fmt.dtype, axis, fmt.group_size)
-            ours = fake_quantize(w, *params, fmt.dtype, axis, fmt.group_size)
+            ours = dequantize(codes, *params, fmt.dtype, axis, fmt.group_size)
             reference = rows @ unfolded.T
             layers[quant.module] = {"name": self.name, "options": self.options(), "output_error": {
                 "rtn": round(relative_error(reference, rows @ rtn.T), 6),

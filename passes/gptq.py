@@ -241,8 +241,8 @@ class Gptq(Pass):
         records: dict[str, dict] = {}
         # Layers a rule keeps at round-to-nearest run rounded too, so that what follows them sees
         # the activations it will see at inference.
-        by_rule = {module for module, why in skipped.items() if why == "a rule chose rtn"}
-        rounded = [n for n in linear_nodes(gm) if self.sequential and get_quant(n) and get_quant(n).module in by_rule]
+        rounded = [n for n in linear_nodes(gm) if self.sequential and (quant := get_quant(n)) is not None
+                   and quant.algorithm == "rtn" and quant.module in skipped]
 
         def solve(linear: torch.fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor:
             if linear in rounded:

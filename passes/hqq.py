@@ -27,7 +27,7 @@ from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import get_quant
 from qfx.passes.weight_algorithm import relative_error, taken_and_left
 from qfx.runtime.formats import Granularity, TensorFormat
-from qfx.runtime.numerics import MIN_SCALE, fake_quantize, quantize, weight_axis, weight_qparams
+from qfx.runtime.numerics import MIN_SCALE, dequantize, fake_quantize, quantize, weight_axis, weight_qparams
 
 
 def _units(w: torch.Tensor, fmt: TensorFormat) -> torch.Tensor:
@@ -76,7 +76,6 @@ def hqq_qparams(w: torch.Tensor, fmt: TensorFormat, iterations: int = 20, lp_nor
     c, residual, best = round_on(s, z)
     best_s, best_z = s, z
     x_sum = x.sum(1, keepdim=True)
-    ran = 0
     for ran in range(1, iterations + 1):
         # The grid is refitted to target = x - shrink(residual) = (c - z) s + (residual - shrink(residual)).
         if bool((residual.abs() > shrink_cutoff(beta, lp_norm)).any()):
@@ -144,9 +143,9 @@ class Hqq(Pass):
             scale, zero, ran = hqq_qparams(w, fmt, self.iterations, self.lp_norm, self.beta, self.kappa, start)
             axis = weight_axis(fmt)
             rtn = fake_quantize(w, *start, fmt.dtype, axis, fmt.group_size)
-            ours = fake_quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size)
-            ctx.quantized_weights[quant.module] = (quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size),
-                                                   scale, zero)
+            codes = quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size)
+            ctx.quantized_weights[quant.module] = (codes, scale, zero)
+            ours = dequantize(codes, scale, zero, fmt.dtype, axis, fmt.group_size)
             records[quant.module] = {"name": self.name, "options": self.options(), "iterations": ran,
                                      "weight_error": {"rtn": round(relative_error(w, rtn), 6),
                                                       self.name: round(relative_error(w, ours), 6)}}

@@ -114,15 +114,24 @@ def _mse_range(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: TensorF
                ) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     axis = weight_axis(fmt)
-    best = torch.full_like(lo, float("inf"))
-    best_lo, best_hi = lo.clone(), hi.clone()
-    for ratio in MSE_CLIP_RATIOS:
-        scale, zero_point = qparams_from_range(lo * ratio, hi * ratio, fmt)
+
+    def cost(scale, zero_point):
         error = (fake_quantize(w, scale, zero_point, fmt.dtype, axis, fmt.group_size) - w).square_()
         if fmt.granularity is Granularity.per_group:
-            error = error.reshape(*lo.shape, fmt.group_size).sum(dim=-1)
-        else:
-            error = error.sum(dim=1) if fmt.granularity is Granularity.per_channel else error.sum()
+            return error.reshape(*lo.shape, fmt.group_size).sum(dim=-1)
+        return error.sum(dim=1) if fmt.granularity is Granularity.per_channel else error.sum()
+
+    return best_clip(lo, hi, fmt, MSE_CLIP_RATIOS, cost)
+
+
+def best_clip(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat, ratios, cost
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range lo..hi shrunk, per element of lo (channel or group), by the ratio of `ratios` whose
+    qparams `cost(scale, zero_point)` (shaped as lo) finds least; earlier ratios win ties."""
+    best = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for ratio in ratios:
+        error = cost(*qparams_from_range(lo * ratio, hi * ratio, fmt))
         better = error < best
         best = torch.where(better, error, best)
         best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
