@@ -51,8 +51,9 @@ class TensorScheme(_Model):
     symmetric: bool = True
     observer: ObserverKind | None = Field(
         default=None, description="range estimator: activations minmax (default), moving_average, percentile, "
-                                  "mse (the min-max range shrunk to the least quantization error on a histogram "
-                                  "of the calibration data) or histogram (each end narrowed on its own, greedily, "
+                                  "mse (the min-max range shrunk to the least output error of the linears that "
+                                  "read it, on sampled calibration rows; elsewhere to the least quantization error "
+                                  "on a histogram of the calibration data) or histogram (each end narrowed on its own, greedily, "
                                   "as torch's HistogramObserver; per_token takes none); weights minmax (default) "
                                   "or mse (each channel or group clipped to its least squared error)")
     reduce_range: bool = Field(

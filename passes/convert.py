@@ -15,6 +15,7 @@ import torch
 
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import copy_meta, get_quant
 from qfx.passes.observe import observer_name
 from qfx.runtime import ops
@@ -72,6 +73,27 @@ class _Editor:
                          "dequantize", x_val)
 
 
+class _InputRanges:
+    """Each input observer's range, taken once however many linears read it. An observer that
+    measures its error through its readers (`reads_readers`, e.g. mse) gets their float weights,
+    stacked: gathered before convert replaces any weight with its codes."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm, self.ranges = gm, {}
+        self.readers: dict[str, list[torch.Tensor]] = {}
+        for linear in linear_nodes(gm):
+            obs, quant = observer_name(linear.args[0]), get_quant(linear)
+            if obs and quant is not None and quant.fmt.input is not None and linear.args[1].op == "get_attr" \
+                    and gm.get_submodule(obs).reads_readers:
+                self.readers.setdefault(obs, []).append(get_tensor(gm, linear.args[1].target).detach())
+
+    def __call__(self, obs: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if obs not in self.ranges:
+            weights = self.readers.get(obs)
+            self.ranges[obs] = self.gm.get_submodule(obs).range(None if weights is None else torch.cat(weights))
+        return self.ranges[obs]
+
+
 @dataclasses.dataclass(frozen=True)
 class Convert(Pass):
     name = "convert"
@@ -82,6 +104,7 @@ class Convert(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         graph = gm.graph
         converted = 0
+        input_range = _InputRanges(gm)
         for linear in linear_nodes(gm):
             quant = get_quant(linear)
             if quant is None:
@@ -119,7 +142,7 @@ class Convert(Pass):
                 source = x.args[0] if obs else x
                 with graph.inserting_before(linear):
                     dq = edit.qdq_activation(source, fmt.input, "input",
-                                             None if not obs else gm.get_submodule(obs).range())
+                                             input_range(obs) if obs else None)
                 linear.replace_input_with(x, dq)
                 if obs and not x.users:  # a shared observer goes with its last reader
                     graph.erase_node(x)

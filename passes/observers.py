@@ -19,6 +19,8 @@ class Observer(torch.nn.Module):
     # Whether the range is the plain min and max of what it saw, so that a fold that scales
     # the channels of its input gives the new range from per-channel statistics exactly.
     channelwise_exact = False
+    # Whether range() measures its error through the readers' weights (convert passes them).
+    reads_readers = False
 
     def __init__(self, fmt: TensorFormat, where: str, **options):
         super().__init__()
@@ -55,7 +57,9 @@ class Observer(torch.nn.Module):
         else:
             self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
 
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def range(self, readers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range to quantize with. `readers`: the weights ([out, in], stacked) of the linears
+        that read this tensor, for observers whose objective is their output (others ignore it)."""
         if self.lo is None:
             raise CalibrationError(f"no calibration data reached {self.where}",
                                    hint="the layer is not on the path of the calibration inputs; "
@@ -118,14 +122,32 @@ class PercentileObserver(Observer):
         self.lo, self.hi = (self.lo_sum / self.samples).float(), (self.hi_sum / self.samples).float()
 
 
-class MseObserver(Observer):
-    """The range, within the min-max one, that minimizes the quantization MSE of everything seen.
+class RowSample:
+    """An evenly spaced sample of the rows seen: every `stride`-th row, the stride doubling (and
+    every other kept row dropped) whenever more than 2 * max_rows are kept, so that between
+    max_rows and 2 * max_rows remain, spread over all the data, in bounded memory."""
 
-    A histogram of the values (HISTOGRAM_BINS bins over the running min-max range, re-binned
-    when a batch widens it) stands for the data; the range is min-max shrunk by the ratio of
-    numerics.MSE_CLIP_RATIOS whose fake quantization of the bins' centres costs the least, clipped
-    values included. Outliers then cost their clipping error instead of every other value's
-    resolution."""
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.kept: list[torch.Tensor] = []
+        self.stride, self.seen = 1, 0
+
+    def add(self, flat: torch.Tensor) -> None:
+        """Take in the rows of `flat` ([rows, channels], float32)."""
+        self.kept.append(flat[(-self.seen) % self.stride::self.stride].clone())
+        self.seen += flat.shape[0]
+        if sum(t.shape[0] for t in self.kept) > 2 * self.max_rows:
+            self.kept, self.stride = [torch.cat(self.kept)[::2]], self.stride * 2
+
+    def rows(self, n: int) -> torch.Tensor:
+        """About n rows, evenly spaced over everything seen."""
+        kept = torch.cat(self.kept)
+        return kept[::max(1, kept.shape[0] // n)]
+
+
+class HistogramRecorder(Observer):
+    """A histogram of every value seen (HISTOGRAM_BINS bins over the running min-max range,
+    re-binned when a batch widens it), and the quantization error of a range over it."""
 
     HISTOGRAM_BINS = 2048
 
@@ -156,19 +178,64 @@ class MseObserver(Observer):
         error = (numerics.fake_quantize(centres, scale, zero_point, self.fmt.dtype) - centres).double().square()
         return float((error * self.counts).sum())
 
-    def range(self):
+
+class MseObserver(HistogramRecorder):
+    """The min-max range shrunk by the ratio of numerics.MSE_CLIP_RATIOS that costs least.
+
+    Where linears read the tensor (convert passes their weights as `readers`), the cost is
+    their output error, ||Q(X) W^T - X W^T||², on an evenly spaced sample of OUTPUT_ROWS rows of
+    the calibration data: a channel that the readers weigh heavily keeps its range, and errors
+    that cancel in the product cost nothing, where the plain error of X would clip them alike.
+    Elsewhere the cost is the quantization error of everything seen, on the histogram. Either
+    way an outlier costs its clipping error instead of every other value's resolution."""
+
+    OUTPUT_ROWS = 256
+    reads_readers = True
+    # The output search tries every COARSE_STEP-th ratio, then the ratios between the best one's
+    # neighbours: a fifth of the products of trying them all.
+    COARSE_STEP = 5
+
+    def reset(self) -> None:
+        super().reset()
+        self.sample = RowSample(self.OUTPUT_ROWS)
+
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        super().observe(x, lo, hi)
+        self.sample.add(x.reshape(-1, x.shape[-1]).float())
+
+    def range(self, readers: torch.Tensor | None = None):
         lo, hi = super().range()
-        centres = self._centres(lo, hi).float()
-        best, best_range = float("inf"), (lo, hi)
-        for ratio in numerics.MSE_CLIP_RATIOS:
-            cost = self.cost(centres, lo * ratio, hi * ratio)
-            if cost < best:
-                best, best_range = cost, (lo * ratio, hi * ratio)
-        return best_range
+        if readers is None:
+            centres = self._centres(lo, hi).float()
+            return self._shrunk(lo, hi, self._least_costly(range(len(numerics.MSE_CLIP_RATIOS)),
+                                                           lambda r: self.cost(centres, lo * r, hi * r)))
+        x = self.sample.rows(self.OUTPUT_ROWS)
+        w = readers.float()
+        reference = x @ w.T
+
+        def output_cost(ratio: float) -> float:
+            scale, zero_point = numerics.qparams_from_range(lo * ratio, hi * ratio, self.fmt)
+            return float((numerics.fake_quantize(x, scale, zero_point, self.fmt.dtype) @ w.T - reference).square().sum())
+
+        count = len(numerics.MSE_CLIP_RATIOS)
+        coarse = self._least_costly(range(0, count, self.COARSE_STEP), output_cost)
+        return self._shrunk(lo, hi, self._least_costly(
+            range(max(0, coarse - self.COARSE_STEP + 1), min(count, coarse + self.COARSE_STEP)), output_cost))
+
+    @staticmethod
+    def _least_costly(indices, cost) -> int:
+        """The index (into numerics.MSE_CLIP_RATIOS) of the least costly ratio; larger ratios win ties."""
+        costs = [(cost(numerics.MSE_CLIP_RATIOS[i]), i) for i in indices]
+        return min(costs)[1]
+
+    @staticmethod
+    def _shrunk(lo, hi, index: int):
+        ratio = numerics.MSE_CLIP_RATIOS[index]
+        return lo * ratio, hi * ratio
 
 
-class HistogramObserver(MseObserver):
-    """torch's HistogramObserver search on MseObserver's histogram: the range's ends move inwards
+class HistogramObserver(HistogramRecorder):
+    """torch's HistogramObserver search on the histogram: the range's ends move inwards
     bin by bin, each step taking the end whose move drops less of the data (a quantile step of
     QUANTILE_STEP), for as long as the quantization error does not grow. Unlike mse's one
     shrink ratio, each end finds its own place: a one-sided outlier is clipped on its side only
@@ -177,8 +244,8 @@ class HistogramObserver(MseObserver):
 
     QUANTILE_STEP = 1e-4
 
-    def range(self):
-        lo, hi = Observer.range(self)
+    def range(self, readers: torch.Tensor | None = None):
+        lo, hi = super().range()
         centres = self._centres(lo, hi).float()
         edges = torch.linspace(float(lo), float(hi), self.HISTOGRAM_BINS + 1)
         cdf = self.counts.cumsum(0) / self.counts.sum().clamp_min(1e-30)

@@ -32,6 +32,7 @@ from qfx.passes.dataflow import FoldGroup, Unfoldable, concrete_values, find_fol
 from qfx.passes.fold import MULTIPLY, apply_fold, column_scales, multiply_group, shared_tensors
 from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.observe import observer_name
+from qfx.passes.observers import RowSample
 from qfx.runtime.errors import PassFailure
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import (
@@ -54,18 +55,16 @@ S_MIN, S_MAX = 1e-5, 1e5
 
 
 class ChannelStats(torch.nn.Module):
-    """Per-channel min and max of the activation flowing through, and an evenly spaced sample
-    of its rows (between `rows` and 2 * rows once that many passed): what the α search runs the
-    group's linears on."""
+    """Per-channel min, max and mean |x| of the activation flowing through, and an evenly spaced
+    sample of its rows (between `rows` and 2 * rows once that many passed): what the α search
+    runs the group's linears on."""
 
     _is_impure = True  # torch.fx keeps it through dead-code elimination
 
     def __init__(self, rows: int):
         super().__init__()
-        self.max_rows = rows
         self.lo = self.hi = self.abs_sum = None
-        self.kept: list[torch.Tensor] = []
-        self.stride, self.seen = 1, 0
+        self.sample = RowSample(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -75,20 +74,16 @@ class ChannelStats(torch.nn.Module):
             self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
             abs_sum = flat.abs().sum(0, dtype=torch.float64)
             self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
-            self.kept.append(flat[(-self.seen) % self.stride::self.stride].clone())
-            self.seen += flat.shape[0]
-            if sum(t.shape[0] for t in self.kept) > 2 * self.max_rows:  # keep every other row
-                self.kept, self.stride = [torch.cat(self.kept)[::2]], self.stride * 2
+            self.sample.add(flat)
         return x
 
     def abs_mean(self) -> torch.Tensor:
         """mean |X| per channel (float64), over every row seen."""
-        return self.abs_sum / max(self.seen, 1)
+        return self.abs_sum / max(self.sample.seen, 1)
 
     def rows(self, n: int) -> torch.Tensor:
-        """About n rows, evenly spaced over everything seen (between n and 2n were kept)."""
-        kept = torch.cat(self.kept)
-        return kept[::max(1, kept.shape[0] // n)]
+        """About n rows, evenly spaced over everything seen."""
+        return self.sample.rows(n)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,6 +107,33 @@ def test_mse_observer_range_costs_less_error_than_min_max_on_everything_seen(sym
     assert error(mse.range()) <= 1.02 * best  # the histogram stands for the data well
 
 
+def test_mse_observer_with_readers_keeps_what_they_weigh():
+    """With its readers' weights, the range is chosen by their output error: a channel of large
+    values that the readers weigh heavily is not clipped as the plain error of X would clip it."""
+    fmt = TensorFormat(QDType.int8, Granularity.per_tensor, symmetric=True, observer=ObserverKind.mse)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, 32, generator=gen)
+    x[..., 0] = 8 + torch.rand(8, 64, generator=gen) * 4  # a systematic outlier channel, 8..12
+    w = torch.randn(16, 32, generator=gen) * 0.05
+    w[:, 0] = 1.0  # that every reader weighs
+    observer = MseObserver(fmt, "x")
+    for batch in x.split(2):
+        observer(batch)
+
+    def output_error(lo_hi):
+        scale, zero_point = numerics.qparams_from_range(*lo_hi, fmt)
+        return float((numerics.fake_quantize(x, scale, zero_point, fmt.dtype) @ w.T - x @ w.T).square().mean())
+
+    plain, by_readers = observer.range(), observer.range(w)
+    minmax = (x.min(), x.max())
+    print(f"output error: min-max {output_error(minmax):.3e}, plain mse {output_error(plain):.3e}, "
+          f"readers' mse {output_error(by_readers):.3e}")
+    # measured: min-max 7.842e-04, plain mse 8.924e-04, readers' mse 7.842e-04
+    assert float(plain[1]) < float(x[..., 0].max())  # the plain error of X clips into the channel
+    assert output_error(by_readers) < output_error(plain) and output_error(by_readers) <= output_error(minmax)
+    assert observer.sample.rows(MseObserver.OUTPUT_ROWS).shape[0] >= MseObserver.OUTPUT_ROWS
+
+
 def test_observer_without_data_says_so():
     with pytest.raises(CalibrationError, match="no calibration data reached layer.x"):
         MinMaxObserver(FMT, "layer.x").range()

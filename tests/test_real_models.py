@@ -53,7 +53,8 @@ ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
     ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 4.0),  # +3.16%; AVX-512 +3.18%; scalar +3.17%
     ("w8a8-int8-static-smoothquant", {"preset": "w8a8-int8"}, "cpu", 1.5),  # +1.11%
     ("w8a8-int8-static-rotation", {"preset": "w8a8-int8"}, "cpu", 1.0),  # R1 R2 R4: +0.37%
-    ("w8a8-int8-static-mse", MSE_W8A8, "cpu", 2.9),  # observer mse for weights and inputs: +2.51%
+    # observer mse for weights and inputs, each input's range by its readers' output error: +1.76%
+    ("w8a8-int8-static-mse", MSE_W8A8, "cpu", 2.5),
     # torch's greedy histogram search on the inputs barely narrows them: +3.15% (min-max +3.16%)
     ("w8a8-int8-static-histogram", HISTOGRAM_W8A8, "cpu", 4.0),
     ("w8a8-int8-per-token", {"preset": "w8a8-int8-dynamic"}, "cpu", 0.5),  # +0.20%; scalar +0.20%
@@ -121,11 +122,11 @@ def minilm_build(minilm_lines, tmp_path_factory):
 
 @needs_minilm
 @pytest.mark.parametrize("name, quantization, target, floor", [
-    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 0.980),  # 0.9832; scalar 0.9823
+    ("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu", 0.980),  # 0.9824 (AVX2); scalar 0.9823
     ("w8a8-int8-per-token", {"preset": "w8a8-int8-dynamic"}, "cpu", 0.995),  # 0.9974; scalar 0.9973
     ("fp8-gfx942", {"preset": "w8a8-fp8"}, "gfx942", 0.995),  # 0.9972; scalar 0.9974
-    ("w8a8-int8-static-mse", MSE_W8A8, "cpu", 0.0),
-    ("w8a8-int8-static-histogram", HISTOGRAM_W8A8, "cpu", 0.980),  # 0.9828 (min-max 0.9832)
+    ("w8a8-int8-static-mse", MSE_W8A8, "cpu", 0.980),  # 0.9830 (min-max 0.9824): compared below
+    ("w8a8-int8-static-histogram", HISTOGRAM_W8A8, "cpu", 0.980),  # 0.9828
     ("w4a16-g128", {"preset": "w4a16-g128"}, "cpu", 0.925),  # 0.9301
     # each group clipped to its least squared error (observer: mse): 0.9519
     ("w4a16-g128-mse", {"preset": "w4a16-g128", "default": {"weight": {"observer": "mse"}}}, "cpu", 0.945),
@@ -141,19 +142,34 @@ def minilm_build(minilm_lines, tmp_path_factory):
     ("w8a8-int8-static-rotation-smoothquant", {"preset": "w8a8-int8"}, "cpu", 0.998),
 ])
 def test_minilm_embedding_cosine(name, quantization, target, floor, minilm_lines, minilm_build):
+    cosine = minilm_cosine(minilm_build(name, quantization, target, MINILM_ALGORITHMS.get(name, ())), minilm_lines)
+    print(f"{name} on {cpu_isa()}: mean cosine {cosine:.4f}")
+    assert cosine >= floor
+
+
+@needs_minilm
+def test_minilm_w8a8_mse_beats_min_max(minilm_lines, minilm_build):
+    """MiniLM's outlier channels are what clipping by the plain error of X cuts (0.9796, below
+    min-max); measured by the readers' output error the ranges keep them. Same CPU, same run:
+    mse 0.9830 vs min-max 0.9824 on AVX2."""
+    mse = minilm_cosine(minilm_build("w8a8-int8-static-mse", MSE_W8A8, "cpu"), minilm_lines)
+    minmax = minilm_cosine(minilm_build("w8a8-int8-static", {"preset": "w8a8-int8"}, "cpu"), minilm_lines)
+    print(f"on {cpu_isa()}: mean cosine mse {mse:.4f}, min-max {minmax:.4f}")
+    assert mse > minmax
+
+
+def minilm_cosine(result, minilm_lines) -> float:
+    """Mean cosine of the mean-pooled embeddings of the evaluation lines, quantized vs float."""
     from transformers import AutoModel, AutoTokenizer
 
     evaluation = minilm_lines[1]
-    result = minilm_build(name, quantization, target, MINILM_ALGORITHMS.get(name, ()))
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     enc = tok(evaluation, padding=True, truncation=True, max_length=128, return_tensors="pt")
     model = AutoModel.from_pretrained(minilm_dir()).eval()
     with torch.no_grad():
         fp = mean_pooled(model(**enc).last_hidden_state, enc["attention_mask"])
         q = mean_pooled(result.graph(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
-    cosine = mean_cosine(fp, q)
-    print(f"{name} on {cpu_isa()}: mean cosine {cosine:.4f}")
-    assert cosine >= floor
+    return mean_cosine(fp, q)
 
 
 def ort_session(folder):
