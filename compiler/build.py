@@ -20,6 +20,7 @@ from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, QfxWarning, SpecError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
+from qfx.lowering.lower import Lower
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.awq import Awq
@@ -49,6 +50,14 @@ class CompileResult:
     manifest: dict | None
     artifact_dir: Path | None
     stats: dict
+    root_prefix: str = ""  # of the captured wrapper's module paths (e.g. "hf.")
+
+    def lowered(self) -> tuple[torch.fx.GraphModule, dict]:
+        """A copy of `graph` whose linears run the fused ops (lowering/lower.py), and the pass's
+        record of the layers it lowered and kept; `graph` stays the QDQ graph the artifacts hold."""
+        ctx = PassContext(plan=self.plan, root_prefix=self.root_prefix, facts={"frozen"})
+        gm = run_pipeline(copy.deepcopy(self.graph), [Lower()], ctx)
+        return gm, ctx.stats[Lower.name]
 
 
 def _linears(gm: torch.fx.GraphModule, prefix: str) -> list[LinearInfo]:
@@ -200,7 +209,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                                  ctx.float_weights, folds, ctx.stats.get(Rotation.name),
                                  _weight_algorithm_records(ctx.stats))
         return CompileResult(gm, plan, manifest, out.target if out else None,
-                             dict(ctx.stats, check=check, seconds=seconds))
+                             dict(ctx.stats, check=check, seconds=seconds), bundle.root_prefix)
     finally:
         if out is not None:
             settle(model_file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from qfx.lowering.lower import Lower
 from qfx.passes.annotate import Annotate
 from qfx.passes.awq import Awq
 from qfx.passes.base import Pass
@@ -22,7 +23,7 @@ from qfx.passes.smoothquant import SmoothQuant
 from qfx.runtime.errors import UserError
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (Annotate, Rotation, SmoothQuant, Observe, Gptq, Awq, Hqq,
-                                                      Convert, Freeze)}
+                                                      Convert, Freeze, Lower)}
 CALIBRATE = "calibrate"
 DEFAULT_PIPELINE = "annotate,observe,calibrate,convert,freeze"
 
