@@ -1,10 +1,13 @@
 """lower: each dequantize -> linear of the frozen QDQ graph that a fused op computes becomes that
 op (qfx.runtime.qlinear), whose kernel reads the codes directly.
 
-Lowered today: int8 weights per channel (or per tensor, symmetric) whose input is quantized to
-int8 / uint8 statically per tensor or to int8 per token -> `qfx::qlinear_w8a8`. Any other
-linear keeps its reference ops, and the pass warns once per layer with the reason: a layer
-left in QDQ form runs slower, never wrong.
+Lowered today:
+- int8 weights per channel (or per tensor, symmetric) whose input is quantized to int8 / uint8
+  statically per tensor or to int8 per token -> `qfx::qlinear_w8a8`;
+- int4 / uint4 weights in groups along the input, with a float input -> `qfx::qlinear_w4a16`,
+  the codes packed as the Quark artifact packs them (eight to an int32 along the output).
+Any other linear keeps its reference ops, and the pass warns once per layer with the reason: a
+layer left in QDQ form runs slower, never wrong.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import torch
 
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
+from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import copy_meta, module_path
 from qfx.runtime import ops
 from qfx.runtime.errors import QfxWarning
-from qfx.runtime.qlinear import QLINEAR_W8A8
+from qfx.runtime.layout import pack_int4_words
+from qfx.runtime.qlinear import QLINEAR_W4A16, QLINEAR_W8A8
 
 W8A8_INPUTS = ("int8", "uint8")  # static per-tensor activation codes the w8a8 op takes
 
@@ -46,15 +51,17 @@ def _quantized_input(dq: torch.fx.Node) -> tuple | str:
     return "its input is not quantized by a qfx quantize op"
 
 
+def _bias(linear: torch.fx.Node):
+    return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+
 def w8a8_arguments(linear: torch.fx.Node) -> tuple | str:
-    """The qlinear_w8a8 arguments that compute `linear`, or why it cannot."""
+    """The qlinear_w8a8 arguments that compute `linear` (its weight dequantizes int8 codes), or
+    why it cannot."""
     x_dq, w_dq = linear.args[:2]
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    if not _is(w_dq, ops.DEQUANTIZE):
-        return "its weight is float"
     codes, w_scale, w_zero_point, w_qdtype, axis, group_size = w_dq.args[:6]
-    if w_qdtype != "int8" or group_size or axis != 0:
-        return f"its weight is {w_qdtype}{' in groups' if group_size else ''}: no fused op for it yet"
+    if group_size or axis != 0:
+        return "its int8 weight is in groups: no fused op for it yet"
     if w_zero_point is not None:
         return "its int8 weight has a zero point: the w8a8 op takes symmetric weights"
     if not _is(x_dq, ops.DEQUANTIZE):
@@ -63,7 +70,58 @@ def w8a8_arguments(linear: torch.fx.Node) -> tuple | str:
     if isinstance(found, str):
         return found
     x, scale, zero_point, qdtype = found
-    return x, codes, w_scale, bias, scale, zero_point, qdtype
+    return x, codes, w_scale, _bias(linear), scale, zero_point, qdtype
+
+
+def _packed_int4(gm, owner: str, name: str, node: torch.fx.Node | None, transform) -> torch.fx.Node | None:
+    """A buffer `name` on module `owner` holding transform(the tensor `node` reads), read by a new
+    get_attr node."""
+    if node is None:
+        return None
+    gm.get_submodule(owner).register_buffer(name, transform(get_tensor(gm, node.target)))
+    return gm.graph.get_attr(f"{owner}.{name}")
+
+
+def w4a16_arguments(gm, linear: torch.fx.Node) -> tuple | str:
+    """The qlinear_w4a16 arguments that compute `linear` (its weight dequantizes 4-bit codes), with
+    the codes packed into new buffers beside them; or why it cannot."""
+    x, w_dq = linear.args[:2]
+    codes, w_scale, w_zero_point, w_qdtype, axis, group_size = w_dq.args[:6]
+    if not group_size or axis != 1:
+        return f"its {w_qdtype} weight is not in groups along the input: no fused op for it yet"
+    if _is(x, ops.DEQUANTIZE):
+        return f"its input is quantized too: no fused op for {w_qdtype} weights with quantized inputs yet"
+    if any(n is not None and n.op != "get_attr" for n in (codes, w_scale, w_zero_point)):
+        return "its codes or qparams are computed in the graph"
+    out_features = codes.meta["val"].shape[0]
+    if out_features % 8:
+        return f"its {out_features} outputs are not a multiple of 8 (eight codes pack to a word)"
+    owner = codes.target.rpartition(".")[0]
+    with gm.graph.inserting_before(linear):
+        packed = _packed_int4(gm, owner, "weight_int4", codes, lambda t: pack_int4_words(t.t().contiguous()))
+        scale = _packed_int4(gm, owner, "weight_scale_t", w_scale, lambda t: t.t().contiguous())
+        zero_point = _packed_int4(gm, owner, "weight_zero_point_int4", w_zero_point,
+                                  lambda t: pack_int4_words(t.t().contiguous()))
+    for node in (packed, scale, zero_point):
+        if node is not None:
+            copy_meta(node, linear, "qparam", getattr(gm.get_submodule(owner), node.target.rpartition(".")[2])
+                      .to("meta"))
+    return x, packed, scale, zero_point, _bias(linear), w_qdtype, group_size
+
+
+def fused_call(gm, linear: torch.fx.Node) -> tuple | str:
+    """(fused op, its arguments) for `linear`, or why it keeps its reference ops."""
+    w_dq = linear.args[1]
+    if not _is(w_dq, ops.DEQUANTIZE):
+        return "its weight is float"
+    w_qdtype = w_dq.args[3]
+    if w_qdtype == "int8":
+        found = w8a8_arguments(linear)
+        return found if isinstance(found, str) else (QLINEAR_W8A8, found)
+    if w_qdtype in ("int4", "uint4"):
+        found = w4a16_arguments(gm, linear)
+        return found if isinstance(found, str) else (QLINEAR_W4A16, found)
+    return f"its weight is {w_qdtype}: no fused op for it yet"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +134,32 @@ class Lower(Pass):
         lowered, kept = {}, {}
         for linear in linear_nodes(gm):
             where = module_path(linear, ctx.root_prefix) or linear.name
-            found = w8a8_arguments(linear)
+            found = fused_call(gm, linear)
             if isinstance(found, str):
                 if _is(linear.args[1], ops.DEQUANTIZE):  # a float layer is not a missed one
                     kept[where] = found
                 continue
+            op, args = found
             with gm.graph.inserting_before(linear):
-                fused = gm.graph.call_function(QLINEAR_W8A8, found)
+                fused = gm.graph.call_function(op, args)
             copy_meta(fused, linear, "qlinear", linear.meta.get("val"))
             linear.replace_all_uses_with(fused)
             gm.graph.erase_node(linear)
-            lowered[where] = str(QLINEAR_W8A8.overloadpacket)
+            lowered[where] = str(op.overloadpacket)
         for where, why in kept.items():
             warnings.warn(QfxWarning(f"{where} keeps its reference ops (not lowered): {why}"), stacklevel=2)
         gm.graph.eliminate_dead_code()
+        _drop_unread_buffers(gm)
         gm.recompile()
         return PassResult(gm, modified=bool(lowered), stats={"lowered": lowered, "kept": kept})
+
+
+def _drop_unread_buffers(gm) -> None:
+    """Delete the buffers of lowered layers that no node reads any more (4-bit codes, now packed),
+    so that the lowered program does not carry both forms."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        if name not in read and attr in ("weight", "weight_scale", "weight_zero_point") \
+                and f"{owner}.weight_int4" in read:
+            delattr(gm.get_submodule(owner), attr)

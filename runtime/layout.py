@@ -159,24 +159,24 @@ def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> d
 
 # Quark's "reorder" int4 packing: eight 4-bit codes per int32, the nibbles of each group of
 # eight taken in this order (so that a reordered unpack yields consecutive values).
-_QUARK_INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+QUARK_INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def _pack8(codes: torch.Tensor) -> torch.Tensor:
+def pack_int4_words(codes: torch.Tensor) -> torch.Tensor:
     """[rows, cols] 4-bit codes -> [rows, cols/8] int32, packed along the last axis."""
     rows, cols = codes.shape
-    nib = (codes.to(torch.int64) & 0xF).reshape(rows, cols // 8, 8)[..., list(_QUARK_INT4_ORDER)]
+    nib = (codes.to(torch.int64) & 0xF).reshape(rows, cols // 8, 8)[..., list(QUARK_INT4_ORDER)]
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     word = (nib << shifts).sum(dim=-1)
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
-def _unpack8(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+def unpack_int4_words(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     rows, words = packed.shape
     wide = packed.to(torch.int64) & 0xFFFFFFFF
     nib = (wide.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int64)) & 0xF
     inverse = [0] * 8
-    for position, source in enumerate(_QUARK_INT4_ORDER):
+    for position, source in enumerate(QUARK_INT4_ORDER):
         inverse[source] = position
     nib = nib[..., inverse].reshape(rows, words * 8)
     if signed:
@@ -186,12 +186,12 @@ def _unpack8(packed: torch.Tensor, signed: bool) -> torch.Tensor:
 
 def pack_quark_int4(codes, scale, zero_point):
     """Graph [out, in] codes, [out, in/g] scale and zero point -> Quark's transposed int32 layout."""
-    return _pack8(codes.t().contiguous()), scale.t().contiguous(), _pack8(zero_point.t().contiguous())
+    return pack_int4_words(codes.t().contiguous()), scale.t().contiguous(), pack_int4_words(zero_point.t().contiguous())
 
 
 def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
-    codes = _unpack8(packed, dtype.is_signed).t().contiguous()
-    zp = _unpack8(zero_point, dtype.is_signed).t().contiguous()
+    codes = unpack_int4_words(packed, dtype.is_signed).t().contiguous()
+    zp = unpack_int4_words(zero_point, dtype.is_signed).t().contiguous()
     return codes, scale.t().contiguous(), zp
 
 

@@ -1,10 +1,17 @@
 """Fused quantized linears: what a lowered program runs instead of dequantize -> linear.
 
+`qfx::qlinear_w4a16` reads 4-bit weight codes packed as the Quark artifact packs them and
+dequantizes them group by group (in registers, on a GPU) for a float matmul.
+
 `qfx::qlinear_w8a8` quantizes its input (static per tensor, or dynamic per token), multiplies
 the int8 codes by the int8 weight codes with an exact integer accumulation, and applies the
 scales and the bias to the sum. It is a torch custom op with a fake implementation, so a
-lowered program exports, saves and reloads; on CPU it runs `exact_integer_matmul`, on a GPU
-the Triton kernel of `qfx.runtime.triton_kernels`.
+lowered program exports, saves and reloads; on a GPU it runs the Triton kernel of
+`qfx.runtime.triton_kernels`. On CPU:
+- static inputs and weight codes within -64..63 (`reduce_range: true`) run FBGEMM's int8 GEMM
+  (torch's quantized linear), which is exact for such codes on every x86 vector unit: without
+  VNNI it adds pairs of uint8 x int8 products in int16, and 2 x 255 x 64 still fits;
+- anything else runs `exact_integer_matmul`, float32 GEMMs no faster than the float layer.
 
 Against the QDQ graph, which multiplies the dequantized float values, the only difference is
 where the float rounding happens: here the integer sum is exact and the scales are applied
@@ -12,15 +19,24 @@ once to it, there every product and partial sum is rounded in float32.
 """
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.formats import QDType
+from qfx.runtime.layout import unpack_int4_words
 
 # float32 holds every integer up to 2^24: a dot product of integers whose partial sums stay
 # below it is exact whatever order a GEMM adds them in.
 FLOAT32_EXACT_INTEGERS = 2 ** 24
 FLOAT32_WEIGHT_CODE_MAX = 128  # |int8 code| <= 128
+# FBGEMM without VNNI sums two uint8 x int8 products in int16: exact while 2 x 255 x |w| <= 32767.
+FBGEMM_EXACT_WEIGHT_MAX = 64
+# id(weight codes) -> (weak reference to them, their version, FBGEMM's packed form or None); an
+# entry goes with its tensor. (A WeakKeyDictionary would compare tensors with ==.)
+_PACKED: dict[int, tuple] = {}
 
 
 def exact_integer_matmul(a: torch.Tensor, b: torch.Tensor, a_max: int, b_max: int) -> torch.Tensor:
@@ -56,12 +72,54 @@ def quantized_input(x: torch.Tensor, scale: torch.Tensor | None, zero_point: tor
     return values, scale, int(largest)
 
 
+def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+    """FBGEMM's packed form of int8 weight codes (packed once per weight tensor and kept while the
+    tensor lives), or None where FBGEMM would not be exact or this torch lacks it."""
+    cached = _PACKED.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    packed = None
+    if weight.device.type == "cpu" and int(weight.abs().max()) <= FBGEMM_EXACT_WEIGHT_MAX:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notice that quantized tensors are deprecated
+                if weight_scale.numel() == 1:
+                    qweight = torch._make_per_tensor_quantized_tensor(weight, float(weight_scale), 0)
+                else:
+                    qweight = torch._make_per_channel_quantized_tensor(
+                        weight, weight_scale.double().reshape(-1), torch.zeros(weight.shape[0], dtype=torch.long), 0)
+                packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+        except (RuntimeError, AttributeError):  # no FBGEMM (e.g. ARM) or no quantized tensors any more
+            packed = None
+    key = id(weight)
+    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, packed)
+    return packed
+
+
+def _fbgemm_linear(x, packed, input_scale, input_zero_point, qdtype: QDType) -> torch.Tensor:
+    """The static w8a8 linear on FBGEMM. It quantizes its float input to uint8 itself, so it is
+    handed the dequantized codes, from which it recovers exactly those codes (int8 codes as
+    uint8 with zero point 128: the same values)."""
+    codes = numerics.quantize(x, input_scale, input_zero_point, qdtype)
+    zero_point = 0 if input_zero_point is None else int(input_zero_point)
+    values = codes.float() - zero_point
+    if qdtype is QDType.int8:
+        zero_point += 128
+    scale = float(input_scale)
+    flat = (values * scale).reshape(-1, x.shape[-1])
+    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(flat, scale, zero_point, packed)
+    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
 @torch.library.custom_op("qfx::qlinear_w8a8", mutates_args=())
 def qlinear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: torch.Tensor | None, input_zero_point: torch.Tensor | None,
                  input_qdtype: str) -> torch.Tensor:
     """linear(dequantize(quantize(x)), dequantize(weight)) with int8 weight codes [out, in] and
     per-channel (or per-tensor) weight scales; `input_scale` None quantizes x per token."""
+    packed = None if input_scale is None else fbgemm_weight(weight, weight_scale, bias)
+    if packed is not None:
+        return _fbgemm_linear(x, packed, input_scale, input_zero_point, QDType(input_qdtype))
     values, scale, largest = quantized_input(x, input_scale, input_zero_point, QDType(input_qdtype))
     acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX)
     out = acc * scale.double() * weight_scale.double().reshape(-1)
@@ -82,4 +140,32 @@ def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qdtype
     return w8a8_linear(x, weight, weight_scale, bias, input_scale, input_zero_point, QDType(input_qdtype))
 
 
+@torch.library.custom_op("qfx::qlinear_w4a16", mutates_args=())
+def qlinear_w4a16(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  weight_zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: str,
+                  group_size: int) -> torch.Tensor:
+    """linear(x, dequantize(weight)) for 4-bit codes grouped along the input, stored as the Quark
+    artifact stores them: `weight` int32 [in, out / 8] (eight codes of consecutive outputs per
+    word, in QUARK_INT4_ORDER), `weight_scale` [in / group_size, out], `weight_zero_point` packed
+    like the weight or None. On CPU: unpacked and dequantized, the QDQ graph's own arithmetic."""
+    q = QDType(qdtype)
+    codes = unpack_int4_words(weight, q.is_signed).t()
+    zero_point = None if weight_zero_point is None else unpack_int4_words(weight_zero_point, q.is_signed).t()
+    w = numerics.dequantize(codes, weight_scale.t(), zero_point, q, 1, group_size, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@qlinear_w4a16.register_fake
+def _(x, weight, weight_scale, weight_zero_point, bias, qdtype, group_size):
+    return x.new_empty((*x.shape[:-1], weight_scale.shape[1]))
+
+
+@qlinear_w4a16.register_kernel("cuda")
+def _(x, weight, weight_scale, weight_zero_point, bias, qdtype, group_size):
+    from qfx.runtime.triton_kernels import w4a16_linear
+
+    return w4a16_linear(x, weight, weight_scale, weight_zero_point, bias, QDType(qdtype), group_size)
+
+
 QLINEAR_W8A8 = torch.ops.qfx.qlinear_w8a8.default
+QLINEAR_W4A16 = torch.ops.qfx.qlinear_w4a16.default

@@ -14,8 +14,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from qfx.runtime.formats import QDType  # noqa: E402
-from qfx.runtime.qlinear import QLINEAR_W8A8  # noqa: E402
-from qfx.runtime.triton_kernels import w8a8_linear  # noqa: E402
+from qfx.runtime.layout import pack_quark_int4  # noqa: E402
+from qfx.runtime.qlinear import QLINEAR_W4A16, QLINEAR_W8A8  # noqa: E402
+from qfx.runtime.triton_kernels import w4a16_linear, w8a8_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles: the interpreter's time grows with the tile count, not with the tile's size.
@@ -44,3 +45,30 @@ def test_w8a8_kernel_equals_the_cpu_op(m, n, k, scheme, bias, per_channel, tile,
     # The integer sums are exact on both; the kernel applies the scales in float32, the CPU op in
     # float64 (a few float32 ulps apart).
     torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 300), n=st.sampled_from([16, 48, 80, 128]), groups=st.integers(1, 3),
+       group_size=st.sampled_from([16, 32, 64]), qdtype=st.sampled_from(["int4", "uint4"]),
+       zero_point=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       tile=TILES, seed=st.integers(0, 2**16))
+def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_point, bias, dtype, tile, seed):
+    """Codes packed by the artifact's own packer (pack_quark_int4), so the kernel's nibble order is
+    the safetensors layout's."""
+    gen = torch.Generator().manual_seed(seed)
+    k = groups * group_size
+    q = QDType(qdtype)
+    codes = torch.randint(int(q.qmin), int(q.qmax) + 1, (n, k), generator=gen).to(q.storage)
+    scale = torch.rand(n, groups, generator=gen) * 0.02 + 1e-3
+    zeros = torch.randint(int(q.qmin), int(q.qmax) + 1, (n, groups), generator=gen).to(q.storage)
+    packed, scale_t, zeros_packed = pack_quark_int4(codes, scale, zeros)
+    x = (torch.randn(m, k, generator=gen)).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    args = (x, packed, scale_t, zeros_packed if zero_point else None, b)
+    reference = QLINEAR_W4A16(*args, qdtype, group_size)
+    on_device = [None if t is None else t.to(DEVICE) for t in args]
+    got = w4a16_linear(*on_device, q, group_size, tile).cpu()
+    # float32: same products, another summation order; float16: fp16 operands, float32 sums vs CPU's own
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance,
+                               atol=tolerance * float(reference.float().abs().max()))

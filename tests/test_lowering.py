@@ -16,7 +16,16 @@ from qfx.passes.annotate import linear_nodes
 from qfx.runtime import numerics, ops
 from qfx.runtime.errors import QfxWarning
 from qfx.runtime.formats import QDType
-from qfx.runtime.qlinear import QLINEAR_W8A8, exact_integer_matmul, qlinear_w8a8
+from qfx.runtime.layout import pack_quark_int4
+from qfx.runtime.qlinear import (
+    QLINEAR_W4A16,
+    QLINEAR_W8A8,
+    exact_integer_matmul,
+    fbgemm_weight,
+    qlinear_w4a16,
+    qlinear_w8a8,
+    quantized_input,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,20 +81,43 @@ def test_qlinear_w8a8_computes_the_qdq_linear(case):
     assert fused.shape == reference.shape and error < 2e-6
 
 
-@pytest.mark.parametrize("preset", ["w8a8-int8", "w8a8-int8-dynamic"])
-def test_lowered_llama_gives_the_qdq_graphs_logits(preset):
-    result = qfx.compile(spec=tiny_spec(preset=preset, exclude=["lm_head"]))
+def test_qlinear_w4a16_passes_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.uint8)
+    scale, zeros = torch.rand(24, 2, generator=gen) + 0.01, torch.randint(0, 16, (24, 2), generator=gen).to(torch.uint8)
+    packed, scale_t, zeros_packed = pack_quark_int4(codes, scale, zeros)
+    x, bias = torch.randn(3, 5, 64, generator=gen), torch.randn(24, generator=gen)
+    torch.library.opcheck(qlinear_w4a16, (x, packed, scale_t, zeros_packed, bias, "uint4", 32))
+    reference = torch.nn.functional.linear(x, numerics.dequantize(codes, scale, zeros, QDType.uint4, 1, 32), bias)
+    assert torch.equal(QLINEAR_W4A16(x, packed, scale_t, zeros_packed, bias, "uint4", 32), reference)
+
+
+LOWERED_SCHEMES = {
+    "w8a8-int8": {"preset": "w8a8-int8"},  # exact float32 sums on CPU
+    "w8a8-int8-reduce-range": {"preset": "w8a8-int8", "default": {"weight": {"reduce_range": True}}},  # FBGEMM
+    "w8a8-int8-dynamic": {"preset": "w8a8-int8-dynamic"},
+    "w4a16-g32": {"preset": "w4a16-g32"},  # on CPU the op's arithmetic is the QDQ graph's: equal
+    "w4a16-g32-uint4": {"preset": "w4a16-g32", "default": {"weight": {"dtype": "uint4", "symmetric": False}}},
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(LOWERED_SCHEMES))
+def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
+    result = qfx.compile(spec=tiny_spec(**LOWERED_SCHEMES[scheme], exclude=["lm_head"]))
     gm, stats = result.lowered()
     quantized = [p for p, layer in result.plan.items() if layer.fmt is not None and layer.fmt.weight is not None]
     assert sorted(stats["lowered"]) == sorted(quantized) and not stats["kept"]
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert QLINEAR_W8A8 in targets and ops.DEQUANTIZE not in targets  # every dequantize went with its linear
+    assert (QLINEAR_W4A16 if "w4a16" in scheme else QLINEAR_W8A8) in targets
+    assert ops.DEQUANTIZE not in targets  # every dequantize went with its linear
+    if "w4a16" in scheme:  # the program carries the packed codes only
+        assert not [name for name, _ in gm.named_buffers() if name.endswith("q_proj.weight")]
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         qdq, fused = result.graph(ids), gm(ids)
     error = float((fused - qdq).norm() / qdq.norm())
-    print(f"{preset}: lowered vs QDQ logits, relative {error:.2e}")  # measured 1.7e-7 static, 2.0e-7 per token
-    assert error <= 1e-5
+    print(f"{scheme}: lowered vs QDQ logits, relative {error:.2e}")
+    assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token)
     # a standard torch.export program: dynamic batch and sequence, saved and loaded
     dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", min=2, max=512)}
     program = torch.export.export(gm, (ids,), dynamic_shapes=(dims,), strict=False)
@@ -97,8 +129,29 @@ def test_lowered_llama_gives_the_qdq_graphs_logits(preset):
         assert torch.equal(torch.export.load(saved).module()(longer), gm(longer))
 
 
+@pytest.mark.parametrize("qdtype", ["int8", "uint8"])
+def test_w8a8_with_7_bit_weights_runs_fbgemm_exactly(qdtype):
+    """Weight codes within -64..63 (reduce_range) run on FBGEMM: the same integer sums as the exact
+    path, also at the worst case of its int16 pair sums (inputs at the top code, weights at -64)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 256, generator=gen)
+    x[0, 0] = 1e3  # every code at the top of the range
+    weight = torch.randint(-64, 64, (48, 256), generator=gen, dtype=torch.int8)
+    weight[0] = -64
+    w_scale, bias = torch.rand(48, generator=gen) * 0.01 + 1e-3, torch.randn(48, generator=gen)
+    scale = torch.tensor(0.02)
+    zero_point = torch.tensor(100, dtype=torch.uint8) if qdtype == "uint8" else None
+    assert fbgemm_weight(weight, w_scale, bias) is not None
+    assert fbgemm_weight(torch.full((4, 8), -65, dtype=torch.int8), torch.ones(4), None) is None  # 8 bits: exact path
+    values, _, largest = quantized_input(x, scale, zero_point, QDType(qdtype))
+    exact = exact_integer_matmul(values, weight.float(), largest, 128) * float(scale) * w_scale.double() + bias.double()
+    fused = QLINEAR_W8A8(x, weight, w_scale, bias, scale, zero_point, qdtype)
+    error = float((fused.double() - exact).abs().max() / exact.abs().max())
+    assert error < 1e-6  # float32 epilogue only (measured 6e-8); a saturated pair sum would be off by far more
+
+
 def test_layers_without_a_fused_op_keep_their_ops_and_are_named():
-    result = qfx.compile(spec=tiny_spec(preset="w4a16-g32", exclude=["lm_head"]))
+    result = qfx.compile(spec=tiny_spec(preset="w8a16-int8", exclude=["lm_head"]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gm, stats = result.lowered()
