@@ -20,7 +20,7 @@ from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, QfxWarning, SpecError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
-from qfx.lowering.lower import Lower
+from qfx.lowering.lower import Lower, run_with_float64_sums
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.awq import Awq
@@ -33,6 +33,7 @@ from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runner import run_pipeline
+from qfx.runtime.artifact_files import PROGRAM_FILE
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
@@ -55,9 +56,42 @@ class CompileResult:
     def lowered(self) -> tuple[torch.fx.GraphModule, dict]:
         """A copy of `graph` whose linears run the fused ops (lowering/lower.py), and the pass's
         record of the layers it lowered and kept; `graph` stays the QDQ graph the artifacts hold."""
-        ctx = PassContext(plan=self.plan, root_prefix=self.root_prefix, facts={"frozen"})
-        gm = run_pipeline(copy.deepcopy(self.graph), [Lower()], ctx)
-        return gm, ctx.stats[Lower.name]
+        return lower_graph(self.graph, self.plan, self.root_prefix)
+
+
+def lower_graph(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], root_prefix: str
+                ) -> tuple[torch.fx.GraphModule, dict]:
+    """The lower pass on a copy of a frozen QDQ graph: (lowered graph, the pass's record)."""
+    ctx = PassContext(plan=plan, root_prefix=root_prefix, facts={"frozen"})
+    lowered = run_pipeline(copy.deepcopy(gm), [Lower()], ctx)
+    return lowered, ctx.stats[Lower.name]
+
+
+# The lowered program's output against the QDQ graph's run with float64 sums, on the capture
+# example. The fused ops sum exactly, so what differs is float32 rounding of the dequantized
+# values and the epilogue (about 1e-7), unless it flips a code of a later quantizer, which moves
+# the layers after it (measured: see README, "Lowered programs"). A wrong kernel or layout is off
+# by far more than this.
+PROGRAM_TOLERANCE = 1e-3
+
+
+def _program(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], bundle: ModelBundle, example: tuple) -> dict:
+    """What emit_artifact needs to write model.pt2, checked against the QDQ graph first."""
+    lowered, stats = lower_graph(gm, plan, bundle.root_prefix)
+    with torch.no_grad():
+        reference = first_tensor(run_with_float64_sums(gm, *example))
+        got = first_tensor(lowered(*example))
+    error = float((got.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30))
+    inputs = " + ".join("x".join(map(str, t.shape)) for t in example if isinstance(t, torch.Tensor))
+    if not error <= PROGRAM_TOLERANCE:
+        raise OutputError(f"the lowered program's output differs from the QDQ graph's by {error:.3g} (relative, on "
+                          f"the {inputs} capture example; tolerance {PROGRAM_TOLERANCE:g})",
+                          hint="this is a qfx bug: please report it; build without the program format meanwhile")
+    record = {"file": PROGRAM_FILE, "lowered": stats["lowered"], "kept": stats["kept"],
+              "check": {"rel_error_vs_qdq_float64_sums": float(f"{error:.3g}"), "tolerance": PROGRAM_TOLERANCE,
+                        "inputs": inputs}}
+    dynamic = tuple(dynamic_dims(t, bundle.kind) for t in example)
+    return {"graph": lowered, "example": example, "dynamic_shapes": dynamic, "record": record}
 
 
 def _linears(gm: torch.fx.GraphModule, prefix: str) -> list[LinearInfo]:
@@ -205,9 +239,11 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                                                     for g in folds["groups"]], "not_folded": folds["not_folded"]}
                 onnx = _onnx_options(cfg, bundle, example) if _wants_onnx(cfg) else None
                 verify = onnx is not None and cfg.output.onnx.verify
+                program = _program(gm, plan, bundle, example) \
+                    if cfg.output is not None and OutputFormat.program in cfg.output.formats else None
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
                                  ctx.float_weights, folds, ctx.stats.get(Rotation.name),
-                                 _weight_algorithm_records(ctx.stats))
+                                 _weight_algorithm_records(ctx.stats), program)
         return CompileResult(gm, plan, manifest, out.target if out else None,
                              dict(ctx.stats, check=check, seconds=seconds), bundle.root_prefix)
     finally:
@@ -365,7 +401,7 @@ def _warn_of_input_transforms(layers: dict) -> None:
 
 def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
           model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None,
-          rotation: dict | None, weight_algorithms: dict | None) -> dict:
+          rotation: dict | None, weight_algorithms: dict | None, program: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
         return float_weights.get(path)
 
@@ -376,7 +412,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),
             onnx=onnx, folds=folds, rotation=rotation, transforms=input_transforms(gm, bundle.root_prefix),
-            weight_algorithms=weight_algorithms)
+            weight_algorithms=weight_algorithms, program=program)
         _warn_of_input_transforms(manifest["layers"])
         if verify:  # on the files as written, before they are published
             float_model = copy.deepcopy(bundle.module) if bundle.kind == "module" else None

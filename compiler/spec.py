@@ -236,6 +236,7 @@ class Calibration(_Model):
 class OutputFormat(str, enum.Enum):
     safetensors = "safetensors"  # Quark layout + config.json: transformers (amd-quark) and vLLM
     onnx = "onnx"  # QDQ at opset 21: ONNX Runtime (MIGraphX, ROCm and CPU execution providers)
+    program = "program"  # model.pt2: the lowered torch.export program (fused ops; qfx.runtime.load_program)
 
 
 class OnnxOptions(_Model):

@@ -60,13 +60,15 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
                   folds: dict | None = None, rotation: dict | None = None,
                   transforms: dict[str, list[str]] | None = None,
-                  weight_algorithms: dict[str, dict] | None = None) -> dict:
+                  weight_algorithms: dict[str, dict] | None = None, program: dict | None = None) -> dict:
     """The whole artifact. `model_file` is write_model_file's result when the caller already
     wrote model.safetensors (the build writes it while its accuracy check runs); `onnx` holds
     write_onnx's options when the artifact includes model.onnx; `folds` the smoothquant pass's
     records and `rotation` the rotation pass's, pictured in PNGs that report.md shows;
     `transforms` each layer's input transforms, in order (passes.input_transforms);
-    `weight_algorithms` the records of the layers a weight algorithm (gptq, awq, hqq) quantized."""
+    `weight_algorithms` the records of the layers a weight algorithm (gptq, awq, hqq) quantized;
+    `program` the lowered graph to write as model.pt2 (keys graph, example, dynamic_shapes) and
+    the manifest's record of it (record)."""
     transforms = transforms or {}
     model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
     files = [MODEL_FILE]
@@ -74,6 +76,10 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         from qfx.lowering.onnx_emit import write_onnx  # onnx and onnxscript load only when asked for
 
         files += write_onnx(folder, gm, **onnx)
+    if program is not None:
+        from qfx.lowering.program import write_program
+
+        files.append(write_program(folder, program["graph"], program["example"], program["dynamic_shapes"]))
     if folds is not None and folds["groups"]:
         from qfx.lowering.plots import write_fold_plots  # matplotlib loads only when there is a picture
 
@@ -103,6 +109,8 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
         manifest["layers"][path]["input_transforms"] = layer_transforms
     for path, record in (weight_algorithms or {}).items():
         manifest["layers"][path]["weight_algorithm"] = record
+    if program is not None:
+        manifest["program"] = program["record"]
     manifest["excluded"] = [p for p in linear_paths if p not in plan]
     manifest["unused_layers"] = layers_off_output_path(gm, plan, root_prefix)
     manifest["tied"] = aliases

@@ -2,5 +2,6 @@
 from qfx.runtime import ops  # noqa: F401  (registers the qfx:: ops)
 from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
 from qfx.runtime.loader import load
+from qfx.runtime.program import load_program
 
-__all__ = ["Granularity", "LayerFormat", "QDType", "TensorFormat", "load"]
+__all__ = ["Granularity", "LayerFormat", "QDType", "TensorFormat", "load", "load_program"]

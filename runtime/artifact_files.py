@@ -22,6 +22,7 @@ from qfx.runtime.layout import format_problem
 
 MODEL_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+PROGRAM_FILE = "model.pt2"  # the lowered torch.export program (output.formats: program)
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 HF_KINDS = ("causal_lm", "encoder")

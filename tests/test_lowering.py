@@ -3,7 +3,10 @@ built graphs."""
 from __future__ import annotations
 
 import io
+import shutil
 import warnings
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qfx
+from qfx.lowering.lower import run_with_float64_sums
 from qfx.passes.annotate import linear_nodes
 from qfx.runtime import numerics, ops
-from qfx.runtime.errors import QfxWarning
+from qfx.runtime.artifact_files import PROGRAM_FILE
+from qfx.runtime.errors import ArtifactError, QfxWarning
 from qfx.runtime.formats import QDType
 from qfx.runtime.layout import pack_quark_int4
+from qfx.runtime.program import check_program_archive, load_program
 from qfx.runtime.qlinear import (
     QLINEAR_W4A16,
     QLINEAR_W8A8,
@@ -117,7 +123,9 @@ def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
         qdq, fused = result.graph(ids), gm(ids)
     error = float((fused - qdq).norm() / qdq.norm())
     print(f"{scheme}: lowered vs QDQ logits, relative {error:.2e}")
-    assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token)
+    assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token), 0 (w4a16)
+    exact = run_with_float64_sums(result.graph, ids)
+    assert float((fused - exact).norm() / exact.norm()) <= 1e-5
     # a standard torch.export program: dynamic batch and sequence, saved and loaded
     dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", min=2, max=512)}
     program = torch.export.export(gm, (ids,), dynamic_shapes=(dims,), strict=False)
@@ -162,3 +170,51 @@ def test_layers_without_a_fused_op_keep_their_ops_and_are_named():
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         assert torch.equal(gm(ids), result.graph(ids))
+
+
+@pytest.fixture(scope="module")
+def program_artifact(tmp_path_factory):
+    spec = tiny_spec(preset="w8a8-int8", exclude=["lm_head"])
+    spec["output"] = {"dir": str(tmp_path_factory.mktemp("program") / "a"), "formats": ["safetensors", "program"]}
+    return qfx.compile(spec=spec)
+
+
+def test_program_artifact_runs_the_lowered_graph(program_artifact):
+    result = program_artifact
+    record = result.manifest["program"]
+    assert record["file"] == PROGRAM_FILE and PROGRAM_FILE in result.manifest["artifact"]
+    assert len(record["lowered"]) == len(result.plan) and not record["kept"]
+    assert record["check"]["rel_error_vs_qdq_float64_sums"] <= 1e-6  # measured 1.6e-7
+    program = load_program(result.artifact_dir)
+    ids = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(5))  # another batch and length
+    with torch.no_grad():
+        got, qdq = program(ids), result.graph(ids)
+    assert float((got - qdq).norm() / qdq.norm()) <= 1e-5
+
+
+def _rewritten(source: Path, target: Path, edit) -> Path:
+    """A copy of the PT2 archive `source` with each entry's bytes passed through edit(name, data)."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, edit(info.filename, src.read(info.filename)))
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda name, data: data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+     if name.endswith("_weights_config.json") else data, "pickled or custom object"),
+    (lambda name, data: b"\x80\x04N." if "/sample_inputs/" in name else data, "sample inputs"),
+])
+def test_program_archive_that_torch_would_unpickle_is_refused(program_artifact, tmp_path, edit, message):
+    crafted = _rewritten(program_artifact.artifact_dir / PROGRAM_FILE, tmp_path / PROGRAM_FILE, edit)
+    with pytest.raises(ArtifactError, match=message):
+        check_program_archive(crafted)
+
+
+def test_program_edited_after_the_build_is_refused(program_artifact, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(program_artifact.artifact_dir, folder)
+    with open(folder / PROGRAM_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="changed after the build"):
+        load_program(folder)
