@@ -90,7 +90,7 @@ W8A8 = {"8-bit weights": {"preset": "w8a8-int8", "exclude": ["lm_head"]},
 def whole_model(model, quantization: dict) -> dict:
     """The bench Llama built with `quantization`, lowered, against the fp32 model: batch 1 x 128."""
     import qfx
-    from qfx.lowering.lower import run_with_float64_sums
+    from qfx.passes.lower import run_with_float64_sums
 
     result = qfx.compile(model, {"version": 1, "target": "cpu", "calibration": CALIBRATION,
                                  "quantization": quantization})

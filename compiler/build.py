@@ -20,13 +20,13 @@ from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
 from qfx.errors import ModelLoadError, OutputError, QfxWarning, SpecError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
-from qfx.lowering.lower import Lower, run_with_float64_sums
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
 from qfx.passes.awq import Awq
 from qfx.passes.gptq import Gptq
 from qfx.passes.hqq import Hqq
 from qfx.passes.input_transforms import input_transforms
+from qfx.passes.lower import Lower, run_with_float64_sums
 from qfx.passes.meta import describe_node, module_path
 from qfx.passes.registry import CALIBRATE, PASSES, check_pipeline
 from qfx.passes.rotation import Rotation
@@ -54,7 +54,7 @@ class CompileResult:
     root_prefix: str = ""  # of the captured wrapper's module paths (e.g. "hf.")
 
     def lowered(self) -> tuple[torch.fx.GraphModule, dict]:
-        """A copy of `graph` whose linears run the fused ops (lowering/lower.py), and the pass's
+        """A copy of `graph` whose linears run the fused ops (passes/lower.py), and the pass's
         record of the layers it lowered and kept; `graph` stays the QDQ graph the artifacts hold."""
         return lower_graph(self.graph, self.plan, self.root_prefix)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from qfx.lowering.lower import Lower
 from qfx.passes.annotate import Annotate
 from qfx.passes.awq import Awq
 from qfx.passes.base import Pass
@@ -17,6 +16,7 @@ from qfx.passes.convert import Convert
 from qfx.passes.freeze import Freeze
 from qfx.passes.gptq import Gptq
 from qfx.passes.hqq import Hqq
+from qfx.passes.lower import Lower
 from qfx.passes.observe import Observe
 from qfx.passes.rotation import Rotation
 from qfx.passes.smoothquant import SmoothQuant

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qfx
-from qfx.lowering.lower import run_with_float64_sums
 from qfx.passes.annotate import linear_nodes
+from qfx.passes.lower import run_with_float64_sums
 from qfx.runtime import numerics, ops
 from qfx.runtime.artifact_files import PROGRAM_FILE
 from qfx.runtime.errors import ArtifactError, QfxWarning

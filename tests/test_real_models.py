@@ -11,7 +11,7 @@ from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, cpu_isa, minilm_di
 
 import qfx
 import qfx.runtime
-from qfx.lowering.lower import run_with_float64_sums
+from qfx.passes.lower import run_with_float64_sums
 from qfx.runtime.evaluate import mean_cosine, mean_pooled, perplexity
 from qfx.runtime.program import load_program
 
