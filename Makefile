@@ -57,6 +57,7 @@ bench: setup
 	$(PY) bench/ort.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/gptq.py
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -84,11 +84,7 @@ def measured_build(qfx, model, quantization: dict, algorithms: list, reference: 
     result = qfx.compile(model, spec)
     elapsed = time.perf_counter() - start
     with torch.no_grad():
-        return result, relative_error(reference, result.graph(ids)), elapsed
-
-
-def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    return float((approx.double() - reference.double()).norm() / reference.double().norm())
+        return result, qfx.runtime.evaluate.relative_error(reference, result.graph(ids)), elapsed
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ which run on FBGEMM), lowered, against the fp32 model: batch 1 x 128 tokens.
 
 Lowered vs QDQ: the lowered linears sum exactly; the QDQ graph's float32 sums can flip a code of
 the next quantizer, and a flipped code moves every later layer. So the bench compares the lowered
-program also with the QDQ graph run with float64 sums (lowering.lower.run_with_float64_sums).
+program also with the QDQ graph run with float64 sums (qfx.runtime.evaluate.float64_matmuls).
 
 Target (issue: lowering): the lowered Llama at least 1.5x faster than fp32. A GPU section (Triton
 against the vendor GEMMs) runs where a GPU is present. Writes bench/results/kernels.json and .md.
@@ -90,7 +90,7 @@ W8A8 = {"8-bit weights": {"preset": "w8a8-int8", "exclude": ["lm_head"]},
 def whole_model(model, quantization: dict) -> dict:
     """The bench Llama built with `quantization`, lowered, against the fp32 model: batch 1 x 128."""
     import qfx
-    from qfx.passes.lower import run_with_float64_sums
+    from qfx.runtime.evaluate import float64_matmuls
 
     result = qfx.compile(model, {"version": 1, "target": "cpu", "calibration": CALIBRATION,
                                  "quantization": quantization})
@@ -101,7 +101,8 @@ def whole_model(model, quantization: dict) -> dict:
         qdq_s = median_seconds(lambda: result.graph(ids), rounds=5)
         lowered_s = median_seconds(lambda: lowered(ids), rounds=5)
         reference, qdq, fused = model(input_ids=ids, use_cache=False).logits, result.graph(ids), lowered(ids)
-    qdq_exact = run_with_float64_sums(result.graph, ids)
+    with float64_matmuls():
+        qdq_exact = result.graph(ids)
 
     def relative(a, b):
         return float(f"{float((a - b).norm() / b.norm()):.3g}")

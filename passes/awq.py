@@ -29,7 +29,8 @@ from qfx.passes.base import PassContext, PassResult
 from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import get_quant
 from qfx.passes.smoothquant import SmoothQuant
-from qfx.passes.weight_algorithm import relative_error, taken_and_left, why_rounded_to_nearest
+from qfx.passes.weight_algorithm import taken_and_left, why_rounded_to_nearest
+from qfx.runtime.evaluate import relative_error
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import (
     best_clip,

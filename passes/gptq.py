@@ -37,8 +37,9 @@ from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import get_quant
 from qfx.passes.sequential import run_sequential
-from qfx.passes.weight_algorithm import relative_error, taken_and_left
+from qfx.passes.weight_algorithm import taken_and_left
 from qfx.runtime.errors import PassFailure
+from qfx.runtime.evaluate import relative_error
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import fake_quantize, quantize, weight_axis, weight_qparams
 

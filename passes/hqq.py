@@ -25,7 +25,8 @@ import torch
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import get_quant
-from qfx.passes.weight_algorithm import relative_error, taken_and_left
+from qfx.passes.weight_algorithm import taken_and_left
+from qfx.runtime.evaluate import relative_error
 from qfx.runtime.formats import Granularity, TensorFormat
 from qfx.runtime.numerics import MIN_SCALE, dequantize, fake_quantize, quantize, weight_axis, weight_qparams
 

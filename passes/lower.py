@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from qfx.passes.annotate import LINEAR, linear_nodes
+from qfx.passes.annotate import linear_nodes
 from qfx.passes.base import Pass, PassContext, PassResult
 from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import copy_meta, module_path
@@ -164,20 +164,3 @@ def _drop_unread_buffers(gm) -> None:
                 and f"{owner}.weight_int4" in read:
             delattr(gm.get_submodule(owner), attr)
 
-
-class _Float64Linears(torch.fx.Interpreter):
-    def call_function(self, target, args, kwargs):
-        if target is LINEAR:
-            wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
-            return target(*wide, **kwargs).to(args[0].dtype)
-        return super().call_function(target, args, kwargs)
-
-
-def run_with_float64_sums(gm: torch.fx.GraphModule, *inputs):
-    """The QDQ graph's output with every linear's sums in float64: the arithmetic that the w8a8
-    op computes exactly (integer sums), so the reference a lowered program is measured against.
-    The graph's own float32 sums can move a value across a code boundary of the next quantizer,
-    and a flipped code moves every later layer: that difference is the QDQ graph's rounding,
-    not the lowering's."""
-    with torch.no_grad():
-        return _Float64Linears(gm).run(*inputs)

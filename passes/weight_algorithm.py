@@ -35,9 +35,3 @@ def taken_and_left(gm: torch.fx.GraphModule, algorithm: str) -> tuple[list[torch
         elif why != "weight not quantized":
             left[get_quant(node).module] = why
     return taken, left
-
-
-def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """||approx - reference|| / ||reference||."""
-    return float(torch.linalg.vector_norm(approx.float() - reference.float()) /
-                 torch.linalg.vector_norm(reference.float()).clamp_min(1e-30))

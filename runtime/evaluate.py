@@ -1,11 +1,13 @@
 """Accuracy figures: perplexity on a token stream, and how far quantized outputs are from float."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qfx.runtime.numerics import sum_squares
 
@@ -50,3 +52,32 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+class _Float64Matmuls(TorchDispatchMode):
+    WIDENED = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.WIDENED and all(a.dtype == torch.float32 for a in args if isinstance(a, torch.Tensor)):
+            wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+            return func(*wide, **kwargs).float()
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64_matmuls():
+    """Inside, the float32 matrix products that linear layers run (aten.mm, aten.addmm) sum in
+    float64: the QDQ graph with (nearly) exact sums, the reference of the fused integer ops,
+    which sum exactly. The graph's own float32 sums can move a value across a code boundary of
+    a later quantizer, and a flipped code moves every layer after it: that difference is the
+    QDQ graph's rounding, not the fused ops'."""
+    with torch.no_grad(), _Float64Matmuls():
+        yield
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """||approx - reference|| / ||reference||, the norms summed in float64."""
+    diff = approx - reference if approx.dtype == reference.dtype else approx.double() - reference.double()
+    return float(torch.linalg.vector_norm(diff, dtype=torch.float64) /
+                 torch.linalg.vector_norm(reference, dtype=torch.float64).clamp_min(1e-300))

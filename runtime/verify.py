@@ -10,20 +10,24 @@
     next layer's inputs, which flips more codes (on the TinyStories Llama at 2 x 128 tokens,
     up to 1e-2 for int8 static). Fed, each layer is compared on equal inputs, and the share of
     activation values that differ (a flip on a rounding boundary) is reported and bounded.
+(c) The lowered program (model.pt2), when the artifact has one, gives the checkpoint's outputs:
+    no further from the checkpoint run with float64 sums than the checkpoint's own float32 run
+    is (check_program).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from qfx.runtime.artifact_files import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, REBUILD, read_manifest
+from qfx.runtime.artifact_files import MANIFEST_FILE, MODEL_FILE, ONNX_FILE, PROGRAM_FILE, REBUILD, read_manifest
 from qfx.runtime.artifact_files import check_hashes as check_file_hashes
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.evaluate import compare_outputs, first_tensor
+from qfx.runtime.evaluate import compare_outputs, first_tensor, float64_matmuls, relative_error
 from qfx.runtime.formats import LayerFormat, QDType
 from qfx.runtime.layout import (
     int8_as_uint8,
@@ -32,6 +36,7 @@ from qfx.runtime.layout import (
     weight_to_onnx,
 )
 from qfx.runtime.loader import load
+from qfx.runtime.program import load_program
 from qfx.runtime.quant_linear import PRE_QUANT_SCALE, forced_activations
 
 # Outputs of torch and ONNX Runtime agree to float rounding, except where that rounding flips
@@ -43,6 +48,12 @@ META_ACTIVATIONS = "qfx.activation_values"
 # accumulation order, softmax's exp) moves a value across a code boundary: rare. A wrong scale or zero
 # point moves most of them.
 FLIP_LIMIT = 1e-3
+# The lowered program against the checkpoint. Its fused ops sum exactly, the checkpoint's linears
+# in float32: they differ by float rounding (about 1e-7) unless a rounding flips a code of a later
+# quantizer, which moves every layer after it. The checkpoint run with float64 sums moves by as
+# much, so the program must be no further from that reference than the float32 checkpoint is,
+# times PROGRAM_MARGIN, plus PROGRAM_SLACK. A wrong kernel or layout is off by far more.
+PROGRAM_SLACK, PROGRAM_MARGIN = 1e-5, 2.0
 
 
 def _bits(x) -> np.ndarray:
@@ -255,18 +266,74 @@ def _torch_output(model: torch.nn.Module, kind: str, inputs: tuple) -> torch.Ten
 
 def verify_artifact(folder: str | Path, providers: list[str] | None = None, model: torch.nn.Module | None = None,
                     check_hashes: bool = True, trust_factory: bool = False) -> dict:
-    """Run (a) and (b) on the artifact in `folder`; return the figures, or raise ArtifactError.
-    `trust_factory`: as for `qfx.runtime.load`."""
+    """Run (a) and (b) when the artifact has model.onnx and (c) when it has model.pt2; return the
+    figures ((c)'s under "program"), or raise ArtifactError. `trust_factory`: as for
+    `qfx.runtime.load`."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    has_program = PROGRAM_FILE in manifest["artifact"]
+    if (folder / ONNX_FILE).is_file() or not has_program:
+        figures, torch_model = _verify_onnx(folder, manifest, providers, model, check_hashes, trust_factory)
+    else:
+        figures, torch_model = {}, load(folder, model=model, verify_hashes=check_hashes, trust_factory=trust_factory)
+    if has_program:
+        figures["program"] = _verify_program(folder, manifest, torch_model)
+    return figures
+
+
+def _verify_program(folder: Path, manifest: dict, torch_model: torch.nn.Module) -> dict:
+    """(c) on random inputs of the shapes the build recorded for the program."""
+    record = manifest.get("program")
+    path = folder / PROGRAM_FILE
+
+    def bad(message: str) -> ArtifactError:
+        return ArtifactError(f"{MANIFEST_FILE}'s program record {message}", where=str(path), hint=REBUILD)
+
+    if not isinstance(record, dict) or not isinstance(record.get("inputs"), list) or not record["inputs"]:
+        raise bad("does not describe the program's inputs")
+    for item in record["inputs"]:
+        _check_input_spec(item, bad)
+    inputs = _inputs(record["inputs"])
+    program = load_program(folder, verify_hashes=False)  # the caller checked every hash
+    with torch.no_grad():
+        got = first_tensor(program(*inputs))
+    kind = manifest["model"]["kind"]
+    described = " + ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+    return check_program(lambda: _torch_output(torch_model, kind, inputs), got, described + " (random, seed 0)")
+
+
+def check_program(qdq: Callable[[], torch.Tensor], program_output: torch.Tensor, inputs: str) -> dict:
+    """The figures of a lowered program's output against the QDQ model's, which `qdq()` computes
+    (run twice: with float64 sums, and as it is); ArtifactError when the program is further from
+    the float64 run than PROGRAM_MARGIN times the float32 run is, plus PROGRAM_SLACK."""
+    with float64_matmuls():
+        exact = qdq()
+    with torch.no_grad():
+        as_is = qdq()
+    own, error = relative_error(exact, as_is), relative_error(exact, program_output)
+    bound = PROGRAM_SLACK + PROGRAM_MARGIN * own
+    figures = {"rel_error_vs_float64_sums": float(f"{error:.3g}"), "rel_error_vs_float32": float(
+                   f"{relative_error(as_is, program_output):.3g}"),
+               "float32_vs_float64_sums": float(f"{own:.3g}"), "bound": float(f"{bound:.3g}"), "inputs": inputs}
+    if not error <= bound:
+        raise ArtifactError(f"the lowered program ({PROGRAM_FILE}) differs from the QDQ model on {inputs}: relative "
+                            f"error {error:.3g} against the QDQ model with float64 sums, whose own float32 run is "
+                            f"{own:.3g} from it (bound {bound:.3g})",
+                            hint="this is a qfx bug if the artifact is unedited; please report it")
+    return figures
+
+
+def _verify_onnx(folder: Path, manifest: dict, providers: list[str] | None, model: torch.nn.Module | None,
+                 check_hashes: bool, trust_factory: bool) -> tuple[dict, torch.nn.Module]:
+    """(a) and (b): their figures, and the checkpoint as loaded for them."""
     import onnx
 
     from qfx.runtime.ort import session
 
-    folder = Path(folder)
-    manifest = read_manifest(folder)
     onnx_path = folder / ONNX_FILE
     if not onnx_path.is_file():
-        raise ArtifactError(f"{folder} has no {ONNX_FILE} to verify",
-                            hint="build with output.formats: [safetensors, onnx]")
+        raise ArtifactError(f"{folder} has no {ONNX_FILE} (nor {PROGRAM_FILE}) to verify",
+                            hint="build with output.formats: [safetensors, onnx] (or program)")
     if ONNX_FILE not in manifest["artifact"]:
         raise ArtifactError(f"{MANIFEST_FILE} does not list {ONNX_FILE}, so no hash covers it",
                             where=str(folder / MANIFEST_FILE), hint=REBUILD)
@@ -325,7 +392,7 @@ def verify_artifact(folder: str | Path, providers: list[str] | None = None, mode
                             f"output relative error {error:.3g} (tolerance {tolerance:g}) with activations fed "
                             f"layer by layer; {100 * flipped:.3g}% of activation values differ (limit "
                             f"{100 * FLIP_LIMIT:g}%)", hint="this is a qfx bug if the artifact is unedited; please report it")
-    return figures
+    return figures, torch_model
 
 
 def _ort_errors() -> tuple[type[Exception], ...]:

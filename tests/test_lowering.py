@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 import qfx
 from qfx.passes.annotate import linear_nodes
-from qfx.passes.lower import run_with_float64_sums
 from qfx.runtime import numerics, ops
 from qfx.runtime.artifact_files import PROGRAM_FILE
 from qfx.runtime.errors import ArtifactError, QfxWarning
+from qfx.runtime.evaluate import float64_matmuls
 from qfx.runtime.formats import QDType
 from qfx.runtime.layout import pack_quark_int4
 from qfx.runtime.program import check_program_archive, load_program
@@ -32,6 +32,7 @@ from qfx.runtime.qlinear import (
     qlinear_w8a8,
     quantized_input,
 )
+from qfx.runtime.verify import check_program, verify_artifact
 
 
 @settings(max_examples=40, deadline=None)
@@ -124,7 +125,8 @@ def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
     error = float((fused - qdq).norm() / qdq.norm())
     print(f"{scheme}: lowered vs QDQ logits, relative {error:.2e}")
     assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token), 0 (w4a16)
-    exact = run_with_float64_sums(result.graph, ids)
+    with float64_matmuls():
+        exact = result.graph(ids)
     assert float((fused - exact).norm() / exact.norm()) <= 1e-5
     # a standard torch.export program: dynamic batch and sequence, saved and loaded
     dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", min=2, max=512)}
@@ -184,7 +186,7 @@ def test_program_artifact_runs_the_lowered_graph(program_artifact):
     record = result.manifest["program"]
     assert record["file"] == PROGRAM_FILE and PROGRAM_FILE in result.manifest["artifact"]
     assert len(record["lowered"]) == len(result.plan) and not record["kept"]
-    assert record["check"]["rel_error_vs_qdq_float64_sums"] <= 1e-6  # measured 1.6e-7
+    assert record["check"]["rel_error_vs_float64_sums"] <= 1e-6  # measured 1.6e-7
     program = load_program(result.artifact_dir)
     ids = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(5))  # another batch and length
     with torch.no_grad():
@@ -218,3 +220,17 @@ def test_program_edited_after_the_build_is_refused(program_artifact, tmp_path):
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="changed after the build"):
         load_program(folder)
+
+
+def test_verify_checks_the_program(program_artifact):
+    """`qfx verify` on an artifact whose only second form is the program runs check (c)."""
+    figures = verify_artifact(program_artifact.artifact_dir)["program"]
+    assert figures["rel_error_vs_float64_sums"] <= figures["bound"]
+    assert figures["rel_error_vs_float64_sums"] <= 1e-6  # measured 1.6e-7
+
+
+def test_program_check_refuses_a_wrong_output():
+    reference = torch.randn(2, 8, 16)
+    assert check_program(lambda: reference.clone(), reference, "x")["rel_error_vs_float64_sums"] == 0
+    with pytest.raises(ArtifactError, match="differs from the QDQ model"):
+        check_program(lambda: reference.clone(), reference * 1.001, "x")  # a 0.1% scale error
