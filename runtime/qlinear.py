@@ -8,9 +8,9 @@ the int8 codes by the int8 weight codes with an exact integer accumulation, and 
 scales and the bias to the sum. It is a torch custom op with a fake implementation, so a
 lowered program exports, saves and reloads; on a GPU it runs the Triton kernel of
 `qfx.runtime.triton_kernels`. On CPU:
-- static inputs and weight codes within -64..63 (`reduce_range: true`) run FBGEMM's int8 GEMM
-  (torch's quantized linear), which is exact for such codes on every x86 vector unit: without
-  VNNI it adds pairs of uint8 x int8 products in int16, and 2 x 255 x 64 still fits;
+- weight codes within -64..63 (`reduce_range: true`) run FBGEMM's int8 GEMM (torch's quantized
+  linear), which is exact for such codes on every x86 vector unit: without VNNI it adds pairs of
+  uint8 x int8 products in int16, and 2 x 255 x 64 still fits;
 - anything else runs `exact_integer_matmul`, float32 GEMMs no faster than the float layer.
 
 Against the QDQ graph, which multiplies the dequantized float values, the only difference is
@@ -72,7 +72,7 @@ def quantized_input(x: torch.Tensor, scale: torch.Tensor | None, zero_point: tor
     return values, scale, int(largest)
 
 
-def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor):
     """FBGEMM's packed form of int8 weight codes (packed once per weight tensor and kept while the
     tensor lives), or None where FBGEMM would not be exact or this torch lacks it."""
     cached = _PACKED.get(id(weight))
@@ -88,7 +88,7 @@ def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.
                 else:
                     qweight = torch._make_per_channel_quantized_tensor(
                         weight, weight_scale.double().reshape(-1), torch.zeros(weight.shape[0], dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+                packed = torch.ops.quantized.linear_prepack(qweight, None)
         except (RuntimeError, AttributeError):  # no FBGEMM (e.g. ARM) or no quantized tensors any more
             packed = None
     key = id(weight)
@@ -96,19 +96,11 @@ def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.
     return packed
 
 
-def _fbgemm_linear(x, packed, input_scale, input_zero_point, qdtype: QDType) -> torch.Tensor:
-    """The static w8a8 linear on FBGEMM. It quantizes its float input to uint8 itself, so it is
-    handed the dequantized codes, from which it recovers exactly those codes (int8 codes as
-    uint8 with zero point 128: the same values)."""
-    codes = numerics.quantize(x, input_scale, input_zero_point, qdtype)
-    zero_point = 0 if input_zero_point is None else int(input_zero_point)
-    values = codes.float() - zero_point
-    if qdtype is QDType.int8:
-        zero_point += 128
-    scale = float(input_scale)
-    flat = (values * scale).reshape(-1, x.shape[-1])
-    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(flat, scale, zero_point, packed)
-    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+def _fbgemm_linear(values: torch.Tensor, zero_point: int, packed) -> torch.Tensor:
+    """sum_k values[:, k] * weight[n, k] * weight_scale[n] on FBGEMM, exactly summed. FBGEMM
+    quantizes its float input to uint8 itself (round(x / scale) + zero point): handed the integer
+    `values` with scale 1 and a zero point that lands them in 0..255, it takes them as they are."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(values, 1.0, zero_point, packed)
 
 
 @torch.library.custom_op("qfx::qlinear_w8a8", mutates_args=())
@@ -117,14 +109,19 @@ def qlinear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                  input_qdtype: str) -> torch.Tensor:
     """linear(dequantize(quantize(x)), dequantize(weight)) with int8 weight codes [out, in] and
     per-channel (or per-tensor) weight scales; `input_scale` None quantizes x per token."""
-    packed = None if input_scale is None else fbgemm_weight(weight, weight_scale, bias)
+    qdtype = QDType(input_qdtype)
+    values, scale, largest = quantized_input(x, input_scale, input_zero_point, qdtype)
+    packed = fbgemm_weight(weight, weight_scale)
     if packed is not None:
-        return _fbgemm_linear(x, packed, input_scale, input_zero_point, QDType(input_qdtype))
-    values, scale, largest = quantized_input(x, input_scale, input_zero_point, QDType(input_qdtype))
-    acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX)
-    out = acc * scale.double() * weight_scale.double().reshape(-1)
+        # codes minus zero point, moved into 0..255: int8 codes by 128, uint8 ones back by their zero point
+        shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype is QDType.int8 else 0)
+        out = _fbgemm_linear(values.reshape(-1, values.shape[-1]), shift, packed)
+        out = out.reshape(*values.shape[:-1], -1) * scale
+    else:
+        acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX)
+        out = (acc * scale.double() * weight_scale.double().reshape(-1)).float()
     if bias is not None:
-        out += bias.double()
+        out += bias
     return out.to(x.dtype)
 
 

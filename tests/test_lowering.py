@@ -139,7 +139,7 @@ def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
         assert torch.equal(torch.export.load(saved).module()(longer), gm(longer))
 
 
-@pytest.mark.parametrize("qdtype", ["int8", "uint8"])
+@pytest.mark.parametrize("qdtype", ["int8", "uint8", "int8 per token"])
 def test_w8a8_with_7_bit_weights_runs_fbgemm_exactly(qdtype):
     """Weight codes within -64..63 (reduce_range) run on FBGEMM: the same integer sums as the exact
     path, also at the worst case of its int16 pair sums (inputs at the top code, weights at -64)."""
@@ -149,12 +149,14 @@ def test_w8a8_with_7_bit_weights_runs_fbgemm_exactly(qdtype):
     weight = torch.randint(-64, 64, (48, 256), generator=gen, dtype=torch.int8)
     weight[0] = -64
     w_scale, bias = torch.rand(48, generator=gen) * 0.01 + 1e-3, torch.randn(48, generator=gen)
-    scale = torch.tensor(0.02)
+    scale = None if "per token" in qdtype else torch.tensor(0.02)
     zero_point = torch.tensor(100, dtype=torch.uint8) if qdtype == "uint8" else None
-    assert fbgemm_weight(weight, w_scale, bias) is not None
-    assert fbgemm_weight(torch.full((4, 8), -65, dtype=torch.int8), torch.ones(4), None) is None  # 8 bits: exact path
-    values, _, largest = quantized_input(x, scale, zero_point, QDType(qdtype))
-    exact = exact_integer_matmul(values, weight.float(), largest, 128) * float(scale) * w_scale.double() + bias.double()
+    qdtype = qdtype.split()[0]
+    assert fbgemm_weight(weight, w_scale) is not None
+    assert fbgemm_weight(torch.full((4, 8), -65, dtype=torch.int8), torch.ones(4)) is None  # 8 bits: exact path
+    values, x_scale, largest = quantized_input(x, scale, zero_point, QDType(qdtype))
+    exact = exact_integer_matmul(values, weight.float(), largest, 128) * x_scale.double() * w_scale.double() \
+        + bias.double()
     fused = QLINEAR_W8A8(x, weight, w_scale, bias, scale, zero_point, qdtype)
     error = float((fused.double() - exact).abs().max() / exact.abs().max())
     assert error < 1e-6  # float32 epilogue only (measured 6e-8); a saturated pair sum would be off by far more
