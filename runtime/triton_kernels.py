@@ -68,6 +68,17 @@ def w8a8_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, b_sum_ptr, bias_p
 w8a8_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K"])(w8a8_kernel)
 
 
+def _launch(kernel, autotuned, m: int, n: int, args: tuple, flags: dict, config: dict | None) -> None:
+    """One program per BLOCK_M x BLOCK_N tile of the [m, n] output: the autotuned kernel, or
+    `kernel` with the tile shape `config` fixes."""
+    if config is None:
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+        autotuned[grid](*args, **flags)
+    else:
+        kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))](*args, **flags, **config)
+
+
 def w8a8_matmul(a: torch.Tensor, a_offset: int, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """((a + a_offset) @ b^T) * a_scale * b_scale + bias for int8 a [M, K] and b [N, K];
@@ -82,12 +93,7 @@ def w8a8_matmul(a: torch.Tensor, a_offset: int, a_scale: torch.Tensor, b: torch.
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     flags = {"PER_TOKEN": a_scale.numel() > 1, "PER_CHANNEL": b_scale.numel() > 1,
              "HAS_OFFSET": a_offset != 0, "HAS_BIAS": bias is not None}
-    if config is None:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-        w8a8_autotuned[grid](*args, **flags)
-    else:
-        w8a8_kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))](*args, **flags, **config)
+    _launch(w8a8_kernel, w8a8_autotuned, m, n, args, flags, config)
     return c
 
 
@@ -163,10 +169,5 @@ def w4a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), weight_scale.stride(0),
             weight_scale.stride(1), z.stride(0), z.stride(1), c.stride(0), c.stride(1))
     flags = {"SIGNED": qdtype.is_signed, "HAS_ZP": weight_zero_point is not None, "HAS_BIAS": bias is not None}
-    if config is None:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-        w4a16_autotuned[grid](*args, **flags)
-    else:
-        w4a16_kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))](*args, **flags, **config)
+    _launch(w4a16_kernel, w4a16_autotuned, m, n, args, flags, config)
     return c.reshape(*x.shape[:-1], n)
