@@ -39,6 +39,7 @@ from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
 from qfx.runtime.memory import release_memory
 from qfx.runtime.ort import require_onnx
+from qfx.runtime.qlinear import triton_kernels
 from qfx.runtime.verify import META_INPUTS, META_ROOT, META_UINT8, check_program, verify_artifact
 from qfx.spec import OutputFormat, Target
 from qfx.spec_loader import LoadedSpec, load_spec
@@ -71,6 +72,12 @@ def _program(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant], bundle: Mode
     """What emit_artifact needs to write model.pt2, checked first against the QDQ graph on the
     capture example (runtime.verify.check_program)."""
     lowered, stats = lower_graph(gm, plan, bundle.root_prefix)
+    if not stats["lowered"]:
+        first, why = next(iter(stats["kept"].items()), ("", "no layer is quantized"))
+        raise UserError("output.formats: program asks for the lowered program, but no layer can be lowered "
+                        f"({len(stats['kept'])} kept, e.g. {first}: {why}), so it would be the QDQ graph",
+                        hint="lowered today: int8 weights with int8/uint8 inputs (w8a8), int4/uint4 grouped weights "
+                             "with float inputs (w4a16); drop `program` from output.formats for this scheme")
     with torch.no_grad():
         check = check_program(lambda: first_tensor(gm(*example)), first_tensor(lowered(*example)),
                               " + ".join("x".join(map(str, t.shape)) for t in example if isinstance(t, torch.Tensor)))
@@ -160,6 +167,9 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                         "to write", hint="add convert (and freeze), or build without an output directory")
     if out_path is not None and _wants_onnx(cfg):
         require_onnx("output.formats: onnx")
+    if out_path is not None and cfg.output is not None and OutputFormat.program in cfg.output.formats \
+            and torch.cuda.is_available():
+        triton_kernels()  # a GPU runs the program's fused ops with Triton: say so before any work
     seconds: dict[str, float] = {}
 
     # Claim the output directory first: a bad path fails in a second, not after calibration.

@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from qfx.runtime import numerics
+from qfx.runtime.errors import UserError
 from qfx.runtime.formats import QDType
 from qfx.runtime.layout import unpack_int4_words
 
@@ -42,7 +43,7 @@ _PACKED: dict[int, tuple] = {}
 def exact_integer_matmul(a: torch.Tensor, b: torch.Tensor, a_max: int, b_max: int) -> torch.Tensor:
     """a @ b.T for float tensors holding integers with |a| <= a_max and |b| <= b_max, exactly, as
     float64: float32 GEMMs over column blocks short enough that no partial sum passes 2^24, the
-    blocks summed in float64. torch._int_mm's CPU kernel is exact too, but measured 30x slower
+    blocks summed in float64. torch._int_mm's CPU kernel is exact too, but several times slower
     than a float32 GEMM of the same shape (bench/kernels.py)."""
     block = max(1, FLOAT32_EXACT_INTEGERS // (a_max * b_max))
     k = a.shape[-1]
@@ -130,11 +131,20 @@ def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qdtype
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def triton_kernels():
+    """qfx.runtime.triton_kernels, or a clear error where Triton is missing (a GPU runs the fused
+    ops with it; CPUs do not need it)."""
+    try:
+        from qfx.runtime import triton_kernels
+    except ImportError as exc:
+        raise UserError(f"the fused ops run on this GPU with Triton, which cannot be imported ({exc})",
+                        hint="pip install 'qfx[kernels]' (or triton), or run the program on CPU") from None
+    return triton_kernels
+
+
 @qlinear_w8a8.register_kernel("cuda")
 def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qdtype):
-    from qfx.runtime.triton_kernels import w8a8_linear
-
-    return w8a8_linear(x, weight, weight_scale, bias, input_scale, input_zero_point, QDType(input_qdtype))
+    return triton_kernels().w8a8_linear(x, weight, weight_scale, bias, input_scale, input_zero_point, QDType(input_qdtype))
 
 
 @torch.library.custom_op("qfx::qlinear_w4a16", mutates_args=())
@@ -159,9 +169,7 @@ def _(x, weight, weight_scale, weight_zero_point, bias, qdtype, group_size):
 
 @qlinear_w4a16.register_kernel("cuda")
 def _(x, weight, weight_scale, weight_zero_point, bias, qdtype, group_size):
-    from qfx.runtime.triton_kernels import w4a16_linear
-
-    return w4a16_linear(x, weight, weight_scale, weight_zero_point, bias, QDType(qdtype), group_size)
+    return triton_kernels().w4a16_linear(x, weight, weight_scale, weight_zero_point, bias, QDType(qdtype), group_size)
 
 
 QLINEAR_W8A8 = torch.ops.qfx.qlinear_w8a8.default

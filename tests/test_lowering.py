@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import qfx
 from qfx.passes.annotate import linear_nodes
 from qfx.runtime import numerics, ops
 from qfx.runtime.artifact_files import PROGRAM_FILE
-from qfx.runtime.errors import ArtifactError, QfxWarning
+from qfx.runtime.errors import ArtifactError, QfxWarning, UserError
 from qfx.runtime.evaluate import float64_matmuls
 from qfx.runtime.formats import QDType
 from qfx.runtime.layout import pack_quark_int4
@@ -31,6 +32,7 @@ from qfx.runtime.qlinear import (
     qlinear_w4a16,
     qlinear_w8a8,
     quantized_input,
+    triton_kernels,
 )
 from qfx.runtime.verify import check_program, verify_artifact
 
@@ -236,3 +238,22 @@ def test_program_check_refuses_a_wrong_output():
     assert check_program(lambda: reference.clone(), reference, "x")["rel_error_vs_float64_sums"] == 0
     with pytest.raises(ArtifactError, match="differs from the QDQ model"):
         check_program(lambda: reference.clone(), reference * 1.001, "x")  # a 0.1% scale error
+
+
+def test_program_for_a_scheme_nothing_lowers_is_refused(tmp_path):
+    spec = tiny_spec(preset="w8a16-int8", exclude=["lm_head"])
+    spec["output"] = {"dir": str(tmp_path / "a"), "formats": ["safetensors", "program"]}
+    with pytest.raises(UserError, match="no layer can be lowered") as caught:
+        qfx.compile(spec=spec)
+    assert "weight-only" in str(caught.value) and not (tmp_path / "a").exists()
+
+
+def test_fused_ops_on_a_gpu_without_triton_say_so(monkeypatch):
+    import qfx.runtime
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton then fails
+    monkeypatch.delitem(sys.modules, "qfx.runtime.triton_kernels", raising=False)
+    monkeypatch.delattr(qfx.runtime, "triton_kernels", raising=False)
+    with pytest.raises(UserError, match="Triton, which cannot be imported") as caught:
+        triton_kernels()
+    assert "qfx[kernels]" in caught.value.hint
