@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, TINY_SPECS, TINYSTORIES_TEXT, needs_shared, tiny_spec
 from safetensors import safe_open
 
@@ -32,7 +33,9 @@ def test_tiny_specs_build_reload_and_match_the_graph_exactly(name, built_specs):
     names = sorted(p.name for p in result.artifact_dir.iterdir())
     pictures = ["folds_channels.png", "folds_layers.png"] if "smoothquant" in name else []
     pictures += ["rotation_channels.png"] if "rotation" in name else []
-    assert names == sorted(["config.json", *pictures, "manifest.json", "model.onnx", "model.safetensors",
+    formats = yaml.safe_load((ROOT / "specs" / name).read_text())["output"]["formats"]
+    program = ["model.pt2"] if "program" in formats else []
+    assert names == sorted(["config.json", *pictures, *program, "manifest.json", "model.onnx", "model.safetensors",
                             "report.md"])
     equal, diff = reload_matches_graph(result, (torch.randint(0, 256, (2, 24)),))
     assert equal, f"reloaded artifact differs from the compiled graph by {diff}"
@@ -44,7 +47,7 @@ def test_two_builds_are_byte_identical(built_specs, tmp_path):
     spec = ROOT / "specs" / "tiny-w8a8-int8.yaml"
     a = built_specs[spec.name].artifact_dir
     b = qfx.compile(spec=spec, output_dir=tmp_path / "b").artifact_dir
-    for name in ("model.safetensors", "model.onnx", "manifest.json", "config.json", "report.md"):
+    for name in ("model.safetensors", "model.onnx", "model.pt2", "manifest.json", "config.json", "report.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
