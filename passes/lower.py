@@ -40,8 +40,10 @@ def _quantized_input(dq: torch.fx.Node) -> tuple | str:
     if _is(source, ops.QUANTIZE):
         x, scale, zero_point, qdtype, axis, group_size = source.args
         val = scale.meta.get("val") if isinstance(scale, torch.fx.Node) else None
-        if qdtype not in W8A8_INPUTS or group_size or (val is not None and val.numel() != 1):
-            return f"its input is quantized to {qdtype} per channel or group, which the w8a8 op does not take"
+        if qdtype not in W8A8_INPUTS:
+            return f"its input is quantized to {qdtype}; the w8a8 op takes int8 or uint8"
+        if group_size or (val is not None and val.numel() != 1):
+            return "its input is quantized per channel or group; the w8a8 op takes one scale per tensor or token"
         return x, scale, zero_point, qdtype
     if _is(source, operator.getitem) and _is(source.args[0], ops.QUANTIZE_PER_TOKEN):
         x, qdtype = source.args[0].args
