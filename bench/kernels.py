@@ -98,7 +98,7 @@ W8A8 = {"static, 8-bit weights": {"preset": "w8a8-int8", "exclude": ["lm_head"]}
 def whole_model(model, quantization: dict) -> dict:
     """The bench Llama built with `quantization`, lowered, against the fp32 model: batch 1 x 128."""
     import qfx
-    from qfx.runtime.evaluate import float64_matmuls
+    from qfx.runtime.evaluate import float64_matmuls, relative_error
 
     result = qfx.compile(model, {"version": 1, "target": "cpu", "calibration": CALIBRATION,
                                  "quantization": quantization})
@@ -122,7 +122,7 @@ def whole_model(model, quantization: dict) -> dict:
     speedup = statistics.median(f / q for f, q in zip(seconds["fp32"], seconds["lowered"]))
 
     def relative(a, b):
-        return float(f"{float((a - b).norm() / b.norm()):.3g}")
+        return float(f"{relative_error(b, a):.3g}")
     return {"lowered_layers": len(stats["lowered"]), "kept_layers": len(stats["kept"]),
             "fp32_ms": round(1e3 * fp32_s, 2), "qdq_ms": round(1e3 * qdq_s, 2), "lowered_ms": round(1e3 * lowered_s, 2),
             "lowered_speedup": round(speedup, 3), "lowered_vs_qdq_rel": relative(fused, qdq),
