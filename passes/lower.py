@@ -4,6 +4,8 @@ op (qfx.runtime.qlinear), whose kernel reads the codes directly.
 Lowered today:
 - int8 weights per channel (or per tensor, symmetric) whose input is quantized to int8 / uint8
   statically per tensor or to int8 per token -> `qfx::qlinear_w8a8`;
+- FP8 (E4M3FN / E4M3FNUZ) weights per channel or per tensor whose input is quantized to FP8
+  statically per tensor or per token -> `qfx::qlinear_fp8`;
 - int4 / uint4 weights in groups along the input, with a float input -> `qfx::qlinear_w4a16`,
   the codes packed as the Quark artifact packs them (eight to an int32 along the output).
 Any other linear keeps its reference ops, and the pass warns once per layer with the reason: a
@@ -24,31 +26,37 @@ from qfx.passes.meta import copy_meta, module_path
 from qfx.runtime import ops
 from qfx.runtime.errors import QfxWarning
 from qfx.runtime.layout import pack_int4_words
-from qfx.runtime.qlinear import QLINEAR_W4A16, QLINEAR_W8A8
+from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8
 
-W8A8_INPUTS = ("int8", "uint8")  # static per-tensor activation codes the w8a8 op takes
+# the activation codes each fused op takes: static per tensor / dynamic per token
+W8A8_INPUTS = {"static": ("int8", "uint8"), "per token": ("int8",)}
+FP8_INPUTS = {"static": ("fp8_e4m3fn", "fp8_e4m3fnuz"), "per token": ("fp8_e4m3fn", "fp8_e4m3fnuz")}
 
 
 def _is(node, target) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
 
 
-def _quantized_input(dq: torch.fx.Node) -> tuple | str:
+def _takes(inputs: dict, kind: str) -> str:
+    return " or ".join(inputs[kind])
+
+
+def _quantized_input(dq: torch.fx.Node, inputs: dict, op: str) -> tuple | str:
     """(float input, scale node, zero point node, qdtype) of the activation that `dq` dequantizes,
-    scale None for per-token; or why the w8a8 op cannot take it."""
+    scale None for per-token; or why `op`, which takes `inputs`, cannot take it."""
     source = dq.args[0]
     if _is(source, ops.QUANTIZE):
         x, scale, zero_point, qdtype, axis, group_size = source.args
         val = scale.meta.get("val") if isinstance(scale, torch.fx.Node) else None
-        if qdtype not in W8A8_INPUTS:
-            return f"its input is quantized to {qdtype}; the w8a8 op takes int8 or uint8"
+        if qdtype not in inputs["static"]:
+            return f"its input is quantized to {qdtype}; the {op} op takes {_takes(inputs, 'static')}"
         if group_size or (val is not None and val.numel() != 1):
-            return "its input is quantized per channel or group; the w8a8 op takes one scale per tensor or token"
+            return f"its input is quantized per channel or group; the {op} op takes one scale per tensor or token"
         return x, scale, zero_point, qdtype
     if _is(source, operator.getitem) and _is(source.args[0], ops.QUANTIZE_PER_TOKEN):
         x, qdtype = source.args[0].args
-        if qdtype != "int8":
-            return f"its input is quantized per token to {qdtype}; the w8a8 op takes int8"
+        if qdtype not in inputs["per token"]:
+            return f"its input is quantized per token to {qdtype}; the {op} op takes {_takes(inputs, 'per token')}"
         return x, None, None, qdtype
     return "its input is not quantized by a qfx quantize op"
 
@@ -57,18 +65,19 @@ def _bias(linear: torch.fx.Node):
     return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
 
-def w8a8_arguments(linear: torch.fx.Node) -> tuple | str:
-    """The qlinear_w8a8 arguments that compute `linear` (its weight dequantizes int8 codes), or
-    why it cannot."""
+def scaled_arguments(linear: torch.fx.Node, inputs: dict, op: str) -> tuple | str:
+    """(input, weight codes, weight scale, bias, input scale, input zero point, input qdtype) for
+    the op `op` of 8-bit codes (w8a8, fp8), which takes `inputs`, to compute `linear`; or why it
+    cannot."""
     x_dq, w_dq = linear.args[:2]
     codes, w_scale, w_zero_point, w_qdtype, axis, group_size = w_dq.args[:6]
     if group_size or axis != 0:
-        return "its int8 weight is in groups: no fused op for it yet"
+        return f"its {w_qdtype} weight is in groups: no fused op for it yet"
     if w_zero_point is not None:
-        return "its int8 weight has a zero point: the w8a8 op takes symmetric weights"
+        return f"its {w_qdtype} weight has a zero point: the {op} op takes symmetric weights"
     if not _is(x_dq, ops.DEQUANTIZE):
         return "its input is float (weight-only): no fused op for it yet"
-    found = _quantized_input(x_dq)
+    found = _quantized_input(x_dq, inputs, op)
     if isinstance(found, str):
         return found
     x, scale, zero_point, qdtype = found
@@ -118,8 +127,14 @@ def fused_call(gm, linear: torch.fx.Node) -> tuple | str:
         return "its weight is float"
     w_qdtype = w_dq.args[3]
     if w_qdtype == "int8":
-        found = w8a8_arguments(linear)
+        found = scaled_arguments(linear, W8A8_INPUTS, "w8a8")
         return found if isinstance(found, str) else (QLINEAR_W8A8, found)
+    if w_qdtype in FP8_INPUTS["static"]:
+        found = scaled_arguments(linear, FP8_INPUTS, "fp8")
+        if isinstance(found, str):
+            return found
+        x, codes, w_scale, bias, scale, _, qdtype = found  # FP8 has no zero point
+        return QLINEAR_FP8, (x, codes, w_scale, bias, scale, qdtype)
     if w_qdtype in ("int4", "uint4"):
         found = w4a16_arguments(gm, linear)
         return found if isinstance(found, str) else (QLINEAR_W4A16, found)

@@ -3,6 +3,11 @@
 `qfx::qlinear_w4a16` reads 4-bit weight codes packed as the Quark artifact packs them and
 dequantizes them group by group (in registers, on a GPU) for a float matmul.
 
+`qfx::qlinear_fp8` quantizes its input to FP8 (E4M3FN or E4M3FNUZ; static per tensor, or dynamic
+per token) and multiplies it by FP8 weight codes, per tensor or per channel. On CPU it runs the
+QDQ graph's own arithmetic (dequantized float32 operands: every product of two FP8 values is
+exact in float32, the sums round alike); on a GPU, the Triton kernel on the FP8 matrix units.
+
 `qfx::qlinear_w8a8` quantizes its input (static per tensor, or dynamic per token), multiplies
 the int8 codes by the int8 weight codes with an exact integer accumulation, and applies the
 scales and the bias to the sum. It is a torch custom op with a fake implementation, so a
@@ -131,6 +136,27 @@ def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qdtype
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("qfx::qlinear_fp8", mutates_args=())
+def qlinear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                input_scale: torch.Tensor | None, input_qdtype: str) -> torch.Tensor:
+    """linear(dequantize(quantize(x)), dequantize(weight)) with FP8 weight codes [out, in] and
+    per-channel (or per-tensor) weight scales; `input_scale` None quantizes x per token."""
+    qdtype = QDType(input_qdtype)
+    if input_scale is None:
+        codes, scale = numerics.quantize_per_token(x, qdtype)
+        x_dq = numerics.dequantize(codes, scale, None, qdtype, -1, 0, x.dtype)
+    else:
+        x_dq = numerics.dequantize(numerics.quantize(x, input_scale, None, qdtype), input_scale, None, qdtype,
+                                   0, 0, x.dtype)
+    w_dq = numerics.dequantize(weight, weight_scale, None, qdtype, 0, 0, x.dtype)
+    return torch.nn.functional.linear(x_dq, w_dq, bias)
+
+
+@qlinear_fp8.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_qdtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def triton_kernels():
     """qfx.runtime.triton_kernels, or a clear error where Triton is missing (a GPU runs the fused
     ops with it; CPUs do not need it)."""
@@ -145,6 +171,11 @@ def triton_kernels():
 @qlinear_w8a8.register_kernel("cuda")
 def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qdtype):
     return triton_kernels().w8a8_linear(x, weight, weight_scale, bias, input_scale, input_zero_point, QDType(input_qdtype))
+
+
+@qlinear_fp8.register_kernel("cuda")
+def _(x, weight, weight_scale, bias, input_scale, input_qdtype):
+    return triton_kernels().fp8_linear(x, weight, weight_scale, bias, input_scale, QDType(input_qdtype))
 
 
 @torch.library.custom_op("qfx::qlinear_w4a16", mutates_args=())
@@ -174,3 +205,4 @@ def _(x, weight, weight_scale, weight_zero_point, bias, qdtype, group_size):
 
 QLINEAR_W8A8 = torch.ops.qfx.qlinear_w8a8.default
 QLINEAR_W4A16 = torch.ops.qfx.qlinear_w4a16.default
+QLINEAR_FP8 = torch.ops.qfx.qlinear_fp8.default

@@ -13,12 +13,16 @@ if not torch.cuda.is_available():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from qfx.runtime import numerics  # noqa: E402
 from qfx.runtime.formats import QDType  # noqa: E402
 from qfx.runtime.layout import pack_quark_int4  # noqa: E402
-from qfx.runtime.qlinear import QLINEAR_W4A16, QLINEAR_W8A8  # noqa: E402
-from qfx.runtime.triton_kernels import w4a16_linear, w8a8_linear  # noqa: E402
+from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8  # noqa: E402
+from qfx.runtime.triton_kernels import fp8_linear, quantize_rows, w4a16_linear, w8a8_linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton 3.9's interpreter multiplies bfloat16 operands as their raw 16-bit patterns (create_dot
+# hands numpy the uint16 storage), so bfloat16 activations are checked on a GPU only.
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # Small tiles: the interpreter's time grows with the tile count, not with the tile's size.
 TILES = st.sampled_from([{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32},
                          {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}])
@@ -50,7 +54,7 @@ def test_w8a8_kernel_equals_the_cpu_op(m, n, k, scheme, bias, per_channel, tile,
 @settings(max_examples=30, deadline=None)
 @given(m=st.integers(1, 300), n=st.sampled_from([16, 48, 80, 128]), groups=st.integers(1, 3),
        group_size=st.sampled_from([16, 32, 64]), qdtype=st.sampled_from(["int4", "uint4"]),
-       zero_point=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       zero_point=st.booleans(), bias=st.booleans(), dtype=st.sampled_from(FLOAT_DTYPES),
        tile=TILES, seed=st.integers(0, 2**16))
 def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_point, bias, dtype, tile, seed):
     """Codes packed by the artifact's own packer (pack_quark_int4), so the kernel's nibble order is
@@ -68,7 +72,66 @@ def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_p
     reference = QLINEAR_W4A16(*args, qdtype, group_size)
     on_device = [None if t is None else t.to(DEVICE) for t in args]
     got = w4a16_linear(*on_device, q, group_size, tile).cpu()
-    # float32: same products, another summation order; float16: fp16 operands, float32 sums vs CPU's own
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    # float32: same products, another summation order; 16-bit: the same 16-bit operands, float32
+    # sums vs CPU's own, rounded to 16 bits
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance,
                                atol=tolerance * float(reference.float().abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.sampled_from([16, 100, 1500]),
+       scheme=st.sampled_from(["int8 static", "uint8 static", "int8 per token", "fp8_e4m3fn static",
+                               "fp8_e4m3fnuz static", "fp8_e4m3fn per token", "fp8_e4m3fnuz per token"]),
+       magnitude=st.sampled_from([1e-3, 1.0, 300.0]), zero_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_prologue_gives_the_reference_codes(m, k, scheme, magnitude, zero_row, seed):
+    """The kernels' activation prologue against qfx.runtime.numerics, code for code: rounding ties,
+    saturation (magnitude 300 overflows a scale of 1/16), zero rows (the smallest scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * magnitude
+    x[0, :3] = torch.tensor([0.5, -1.5, 2.5]) / 16  # exact ties at the static scale 1/16
+    if zero_row:
+        x[-1] = 0
+    name, kind = scheme.split(" ", 1)
+    q = QDType(name)
+    if kind == "static":
+        scale = torch.tensor(1 / 16)
+        zero_point = torch.tensor(120, dtype=torch.uint8) if q is QDType.uint8 else None
+        expected, expected_scale = numerics.quantize(x, scale, zero_point, q), scale
+    else:
+        scale, zero_point = None, None
+        expected, expected_scale = numerics.quantize_per_token(x, q)
+    shift = 128 if q is QDType.uint8 else 0
+    on_device = [None if t is None else t.to(DEVICE) for t in (x, scale, zero_point)]
+    codes, got_scale = quantize_rows(*on_device, q, shift)
+    if q.is_fp8:
+        assert torch.equal(codes.cpu().view(torch.uint8), expected.view(torch.uint8))
+    else:
+        assert torch.equal(codes.cpu().to(torch.int16) + shift, expected.to(torch.int16))
+    assert torch.equal(got_scale.cpu().reshape(-1), expected_scale.float().reshape(-1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 300), n=st.sampled_from([16, 48, 80, 128]), k=st.sampled_from([16, 64, 96, 160]),
+       qdtype=st.sampled_from(["fp8_e4m3fn", "fp8_e4m3fnuz"]), per_token=st.booleans(), per_channel=st.booleans(),
+       bias=st.booleans(), native=st.sampled_from([torch.float8_e4m3fn, torch.float8_e4m3fnuz]), tile=TILES,
+       seed=st.integers(0, 2**16))
+def test_fp8_kernel_equals_the_cpu_op(m, n, k, qdtype, per_token, per_channel, bias, native, tile, seed):
+    """Both FP8 kinds, each read as either kind of matrix unit (MI300 takes E4M3FNUZ, the others
+    E4M3FN): the same bits at a doubled or halved scale."""
+    gen = torch.Generator().manual_seed(seed)
+    q = QDType(qdtype)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, 0] = -1e-9  # quantizes to -0, E4M3FN's 0x80: E4M3FNUZ's NaN unless the kernel clears it
+    weight = (torch.randn(n, k, generator=gen) * q.qmax / 3).clamp(-q.qmax, q.qmax).to(q.storage)
+    w_scale = torch.rand(n if per_channel else (), generator=gen) * 0.01 + 1e-4
+    b = torch.randn(n, generator=gen) if bias else None
+    scale = None if per_token else torch.tensor(0.05)
+    args = (x, weight, w_scale, b, scale)
+    reference = QLINEAR_FP8(*args, qdtype)
+    on_device = [None if t is None else t.to(DEVICE) for t in args]
+    got = fp8_linear(*on_device, q, tile, native).cpu()
+    # Every product of two FP8 codes is exact in float32; the kernel scales the sum of code
+    # products, the CPU op sums products of dequantized values: float32 rounding apart.
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))

@@ -25,10 +25,12 @@ from qfx.runtime.formats import QDType
 from qfx.runtime.layout import pack_quark_int4
 from qfx.runtime.program import check_program_archive, load_program
 from qfx.runtime.qlinear import (
+    QLINEAR_FP8,
     QLINEAR_W4A16,
     QLINEAR_W8A8,
     exact_integer_matmul,
     fbgemm_weight,
+    qlinear_fp8,
     qlinear_w4a16,
     qlinear_w8a8,
     quantized_input,
@@ -61,7 +63,7 @@ def _qdq_linear(x, weight, weight_scale, bias, input_scale, input_zero_point, qd
     else:
         xd = numerics.dequantize(numerics.quantize(x, input_scale, input_zero_point, q), input_scale,
                                  input_zero_point, q)
-    return torch.nn.functional.linear(xd, numerics.dequantize(weight, weight_scale, None, QDType.int8), bias)
+    return torch.nn.functional.linear(xd, numerics.dequantize(weight, weight_scale, None, q), bias)
 
 
 def w8a8_cases():
@@ -90,6 +92,27 @@ def test_qlinear_w8a8_computes_the_qdq_linear(case):
     assert fused.shape == reference.shape and error < 2e-6
 
 
+@pytest.mark.parametrize("qdtype", ["fp8_e4m3fn", "fp8_e4m3fnuz"])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qlinear_fp8_computes_the_qdq_linear(qdtype, per_token, per_channel):
+    gen = torch.Generator().manual_seed(0)
+    q = QDType(qdtype)
+    x = torch.randn(2, 7, 96, generator=gen)
+    weight = (torch.randn(40, 96, generator=gen) * 50).clamp(-q.qmax, q.qmax).to(q.storage)
+    w_scale = torch.rand(40, generator=gen) * 0.01 + 1e-3 if per_channel else torch.tensor(0.004)
+    args = (x, weight, w_scale, torch.randn(40, generator=gen), None if per_token else torch.tensor(0.03))
+    # torch's schema check compares inputs with allclose, which FP8 tensors lack; what it checks
+    # (the op neither mutates nor returns its inputs) is asserted below
+    torch.library.opcheck(qlinear_fp8, (*args, qdtype),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    weight_bits = weight.view(torch.uint8).clone()
+    fused = QLINEAR_FP8(*args, qdtype)
+    assert torch.equal(weight.view(torch.uint8), weight_bits) and fused.data_ptr() != x.data_ptr()
+    # on CPU the op runs the QDQ graph's own arithmetic
+    assert torch.equal(fused, _qdq_linear(*args, None, qdtype))
+
+
 def test_qlinear_w4a16_passes_opcheck():
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.uint8)
@@ -107,17 +130,23 @@ LOWERED_SCHEMES = {
     "w8a8-int8-dynamic": {"preset": "w8a8-int8-dynamic"},
     "w4a16-g32": {"preset": "w4a16-g32"},  # on CPU the op's arithmetic is the QDQ graph's: equal
     "w4a16-g32-uint4": {"preset": "w4a16-g32", "default": {"weight": {"dtype": "uint4", "symmetric": False}}},
+    "w8a8-fp8": {"preset": "w8a8-fp8"},  # E4M3FN; the QDQ graph's own arithmetic on CPU: equal
+    "fp8-per-token-gfx942": {"default": {"weight": {"dtype": "fp8_e4m3", "granularity": "per_channel"},
+                                         "input": {"dtype": "fp8_e4m3", "granularity": "per_token"}}},  # E4M3FNUZ
 }
+LOWERED_OPS = {"fp8": QLINEAR_FP8, "w4a16": QLINEAR_W4A16, "w8a8": QLINEAR_W8A8}  # first match names the op
 
 
 @pytest.mark.parametrize("scheme", sorted(LOWERED_SCHEMES))
 def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
-    result = qfx.compile(spec=tiny_spec(**LOWERED_SCHEMES[scheme], exclude=["lm_head"]))
+    spec = tiny_spec(**LOWERED_SCHEMES[scheme], exclude=["lm_head"])
+    spec["target"] = "gfx942" if scheme.endswith("gfx942") else "cpu"
+    result = qfx.compile(spec=spec)
     gm, stats = result.lowered()
     quantized = [p for p, layer in result.plan.items() if layer.fmt is not None and layer.fmt.weight is not None]
     assert sorted(stats["lowered"]) == sorted(quantized) and not stats["kept"]
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert (QLINEAR_W4A16 if "w4a16" in scheme else QLINEAR_W8A8) in targets
+    assert LOWERED_OPS[next(op for op in LOWERED_OPS if op in scheme)] in targets
     assert ops.DEQUANTIZE not in targets  # every dequantize went with its linear
     if "w4a16" in scheme:  # the program carries the packed codes only
         assert not [name for name, _ in gm.named_buffers() if name.endswith("q_proj.weight")]
@@ -126,7 +155,7 @@ def test_lowered_llama_gives_the_qdq_graphs_logits(scheme):
         qdq, fused = result.graph(ids), gm(ids)
     error = relative_error(qdq, fused)
     print(f"{scheme}: lowered vs QDQ logits, relative {error:.2e}")
-    assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token), 0 (w4a16)
+    assert error <= 1e-5  # measured 1.7e-7 (static), 1.7e-7 (FBGEMM), 2.0e-7 (per token), 0 (w4a16, fp8)
     with float64_matmuls():
         exact = result.graph(ids)
     assert relative_error(exact, fused) <= 1e-5
