@@ -12,7 +12,7 @@ QUARK_STAMP := $(QUARK_VENV)/.installed
 ORT122_VENV ?= .venv-ort122
 ORT122_STAMP := $(ORT122_VENV)/.installed
 
-.PHONY: setup demo test test-fast conformance-setup bench clean
+.PHONY: setup demo test test-fast conformance-setup bench gpu-check clean
 
 # torch first, pinned to the local CPU wheel, so nothing resolves a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -58,6 +58,13 @@ bench: setup
 	$(PY) bench/accuracy.py
 	$(PY) bench/gptq.py
 	$(PY) bench/kernels.py
+
+# On a GPU machine whose python3 already holds torch and Triton (and qfx's other needs): the
+# kernels against the CPU ops, then the GPU benchmark (bench/results/kernels_gpu.*).
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py
+	$(PYTHON) bench/kernels.py --gpu
 
 clean:
 	rm -rf out .pytest_cache

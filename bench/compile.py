@@ -134,10 +134,11 @@ def main() -> int:
                    args.check)
 
 
-def publish(name: str, result: dict, summary: str, check: bool) -> int:
-    """Write bench/results/NAME.json, print it and the one-line summary; the exit status for --check."""
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+def publish(name: str, result: dict, summary: str, check: bool, folder: Path = HERE / "results") -> int:
+    """Write NAME.json (in bench/results unless `folder` says), print it and the one-line summary;
+    the exit status for --check."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"[bench] {summary}", file=sys.stderr)
     return 1 if check and not all(result["targets_met"].values()) else 0

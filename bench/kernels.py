@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Fused-op benchmark, CPU part: qfx::qlinear_w8a8 against fp32 linear and torch._int_mm, and the
-lowered bench Llama (W8A8) against the fp32 model.
+lowered bench Llama (W8A8) against the fp32 model. With --gpu, the GPU part instead
+(bench/kernels_gpu.py: the Triton kernels against torch._int_mm, torch._scaled_mm and the bf16
+matmul at Llama-3-8B / 70B shapes).
 
     python bench/kernels.py [--check] [--threads N]
+    python bench/kernels.py --gpu [--check] [--peak-gbs G] [--smoke]
 
 Per layer shape of Llama-3-8B (q/k/v/o, gate/up, down) at decode (M = 1, 16) and of the bench
 Llama (hidden 1024) at M = 128: the median time of fp32 `F.linear`, of the op (static per-tensor
@@ -18,8 +21,7 @@ Lowered vs QDQ: the lowered linears sum exactly; the QDQ graph's float32 sums ca
 the next quantizer, and a flipped code moves every later layer. So the bench compares the lowered
 program also with the QDQ graph run with float64 sums (qfx.runtime.evaluate.float64_matmuls).
 
-Target: the lowered Llama at least 1.5x faster than fp32. (The GPU side, Triton against the vendor
-GEMMs at Llama-3-8B / 70B shapes, is not measured here yet.) Writes bench/results/kernels.json and .md.
+Target: the lowered Llama at least 1.5x faster than fp32. Writes bench/results/kernels.json and .md.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +138,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--gpu", action="store_true", help="the GPU part (bench/kernels_gpu.py)")
+    parser.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth, GB/s (default: by name)")
+    parser.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes, to check the script")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder of the JSON and Markdown")
     args = parser.parse_args()
+    if args.gpu:
+        import kernels_gpu
+
+        return kernels_gpu.main(args.check, args.smoke, args.peak_gbs, args.out)
     torch.set_num_threads(args.threads)
     rows = layer_rows()
     model = make_model(outliers=False)
@@ -159,10 +170,10 @@ def main() -> int:
               f"| {m['lowered_vs_qdq_rel']} | {m['lowered_vs_qdq_float64_sums_rel']} | {m['qdq_vs_qdq_float64_sums_rel']} "
               f"| {m['qdq_vs_fp32_rel']} |" for name, m in models.items()]
     lines += ["", f"target: lowered >= {SPEEDUP_TARGET}x fp32"]
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "kernels.md").write_text("\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.md").write_text("\n".join(lines) + "\n")
     return publish("kernels", result, f"lowered bench Llama ({best}) {models[best]['lowered_speedup']}x fp32",
-                   args.check)
+                   args.check, args.out)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,23 @@ def test_fp8_kernel_equals_the_cpu_op(m, n, k, qdtype, per_token, per_channel, b
     # products, the CPU op sums products of dequantized values: float32 rounding apart.
     assert not got.isnan().any()
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_gpu_bench_runs_in_one_command(tmp_path):
+    """bench/kernels.py --gpu on tiny shapes (--smoke; here in the interpreter): every qfx kernel
+    timed beside its vendor baseline, and a verdict per target, in JSON and Markdown."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    run = subprocess.run([sys.executable, str(bench / "kernels.py"), "--gpu", "--smoke", "--out", str(tmp_path)],
+                         cwd=bench, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"} if DEVICE == "cpu" else None)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels_gpu.json").read_text())
+    ops = result["layers"][0]["ops"]
+    assert {"w8a8 gemm (qfx)", "fp8 gemm (qfx)", "w4a16 g128 (qfx)", "torch._scaled_mm", "bf16 matmul"} <= set(ops)
+    assert all(row["ops"][name]["ms"] > 0 for row in result["layers"] for name in row["ops"] if "qfx" in name)
+    assert set(result["targets_met"]) == set(result["targets"]) and (tmp_path / "kernels_gpu.md").exists()
