@@ -61,12 +61,20 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if qdtype.is_fp8:  # the cast to FP8 is the rounding
         return dequantize(quantize(x, scale, zero_point, qdtype, axis, group_size), scale, zero_point, qdtype,
                           axis, group_size)
+    return code_offsets(x, scale, zero_point, qdtype, axis, group_size).mul_(
+        broadcast_scale(scale, x.ndim, axis, group_size))
+
+
+def code_offsets(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
+    """quantize(x) - zero_point as float32 for an integer format, without the codes' storage
+    round trip: what an integer matmul multiplies."""
     s = broadcast_scale(scale, x.ndim, axis, group_size)
     y = (x.float() / s).round_()
     if zero_point is None:
-        return y.clamp_(qdtype.qmin, qdtype.qmax).mul_(s)
+        return y.clamp_(qdtype.qmin, qdtype.qmax)
     zp = broadcast_scale(zero_point, x.ndim, axis, group_size).float()
-    return y.add_(zp).clamp_(qdtype.qmin, qdtype.qmax).sub_(zp).mul_(s)
+    return y.add_(zp).clamp_(qdtype.qmin, qdtype.qmax).sub_(zp)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
@@ -150,10 +158,15 @@ def weight_axis(fmt: TensorFormat) -> int:
     return 1 if fmt.granularity is Granularity.per_group else 0
 
 
+def per_token_scale(x: torch.Tensor, qdtype: QDType) -> torch.Tensor:
+    """The scale of dynamic symmetric quantization, one per row of the last axis."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    return torch.clamp(amax / qdtype.qmax, min=MIN_SCALE)
+
+
 def quantize_per_token(x: torch.Tensor, qdtype: QDType) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric quantization with one scale per row of the last axis."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = torch.clamp(amax / qdtype.qmax, min=MIN_SCALE)
+    scale = per_token_scale(x, qdtype)
     return quantize(x, scale, None, qdtype), scale
 
 

@@ -67,13 +67,10 @@ def quantized_input(x: torch.Tensor, scale: torch.Tensor | None, zero_point: tor
     x quantized as the QDQ graph quantizes it: statically with (scale, zero_point), or per token
     (symmetric) when scale is None."""
     if scale is None:
-        codes, scale = numerics.quantize_per_token(x, qdtype)
-    else:
-        codes = numerics.quantize(x, scale, zero_point, qdtype)
-    values = codes.float()
+        scale = numerics.per_token_scale(x, qdtype)
+    values = numerics.code_offsets(x, scale, zero_point, qdtype)
     largest = max(abs(qdtype.qmin), abs(qdtype.qmax))
     if zero_point is not None:
-        values -= zero_point.float()
         largest += int(zero_point.abs().max())
     return values, scale, int(largest)
 
