@@ -103,7 +103,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         order = f.shape[0]
         rest //= order
         # one GEMM over every (row, rest) pair: many small batched products are far slower
-        y = (y.reshape(-1, order, rest).transpose(1, 2).reshape(-1, order) @ f.to(x.dtype))
+        y = (y.reshape(-1, order, rest).transpose(1, 2).reshape(-1, order) @ f.to(x.device, x.dtype))
         y = y.reshape(-1, rest, order).transpose(1, 2)
     return y.reshape(x.shape) * (1.0 / n ** 0.5)
 

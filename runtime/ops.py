@@ -58,6 +58,13 @@ def _(x):
     return torch.empty_like(x)
 
 
+@hadamard.register_kernel("cuda")
+def _(x):
+    from qfx.runtime.qlinear import triton_kernels
+
+    return triton_kernels().hadamard(x)
+
+
 QUANTIZE = torch.ops.qfx.quantize.default
 DEQUANTIZE = torch.ops.qfx.dequantize.default
 QUANTIZE_PER_TOKEN = torch.ops.qfx.quantize_per_token.default

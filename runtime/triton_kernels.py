@@ -15,6 +15,11 @@ two share bit patterns at half / double the value, so a code of the other kind i
 and its scale doubled or halved (exact: qfx caps E4M3FNUZ codes at 224); E4M3FN's -0 (0x80) is
 E4M3FNUZ's NaN, so it is read as 0.
 
+hadamard: x @ H / sqrt(n) one Kronecker factor of H at a time (qfx.runtime.hadamard), a launch
+per factor: each program multiplies one row's [order, rest] view by the factor on the matrix
+units (the order padded to a power of two of at least 16 with zeros, IEEE float32 products),
+rounding to x's dtype after each factor as the CPU op does.
+
 w4a16: 4-bit weight codes read packed, eight per int32 as the Quark artifact stores them
 ([in, out / 8], nibbles in QUARK_INT4_ORDER), dequantized group by group in registers, and
 multiplied with the float activations (float32 accumulation; IEEE float32 products, not TF32,
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 
 from qfx.runtime.formats import QDType
+from qfx.runtime.hadamard import hadamard_factors
 from qfx.runtime.numerics import MIN_SCALE
 
 # How scaled_matmul reads its codes: as int8, or FP8 bytes as E4M3FN / E4M3FNUZ.
@@ -287,3 +293,34 @@ def w4a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     flags = {"SIGNED": qdtype.is_signed, "HAS_ZP": weight_zero_point is not None, "HAS_BIAS": bias is not None}
     _launch(w4a16_kernel, w4a16_autotuned, m, n, args, flags, config)
     return c.reshape(*x.shape[:-1], n)
+
+
+@triton.jit
+def hadamard_factor_kernel(y_ptr, f_ptr, out_ptr, order, rest, ORDER_PAD: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[r, i, j] = sum_p f[p, i] * y[r, p, j], y and out viewed as [rows, order, rest]."""
+    r, jb = tl.program_id(0), tl.program_id(1)
+    p = tl.arange(0, ORDER_PAD)
+    j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    base = r.to(tl.int64) * order * rest
+    mask = (p[:, None] < order) & (j[None, :] < rest)
+    y = tl.load(y_ptr + base + p[:, None] * rest + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    f_t = tl.load(f_ptr + p[None, :] * order + p[:, None], mask=(p[:, None] < order) & (p[None, :] < order),
+                  other=0.0)  # f_t[i, p] = f[p, i]
+    out = tl.dot(f_t, y, input_precision="ieee")
+    tl.store(out_ptr + base + p[:, None] * rest + j[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """qfx::hadamard on the kernel: x @ H / sqrt(n) over the last dimension."""
+    n = x.shape[-1]
+    y, rest = x.contiguous(), n
+    for factor in hadamard_factors(n):
+        order = factor.shape[0]
+        rest //= order
+        out = torch.empty_like(y)
+        block_j = max(16, min(64, triton.next_power_of_2(rest)))
+        grid = (y.numel() // (order * rest), triton.cdiv(rest, block_j))
+        hadamard_factor_kernel[grid](y, factor.to(device=x.device, dtype=torch.float32), out, order, rest,
+                                     ORDER_PAD=max(16, triton.next_power_of_2(order)), BLOCK_J=block_j)
+        y = out
+    return y * (1.0 / n ** 0.5)

@@ -16,8 +16,10 @@ from hypothesis import strategies as st  # noqa: E402
 from qfx.runtime import numerics  # noqa: E402
 from qfx.runtime.formats import QDType  # noqa: E402
 from qfx.runtime.layout import pack_quark_int4  # noqa: E402
+from qfx.runtime.ops import HADAMARD  # noqa: E402
 from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8  # noqa: E402
 from qfx.runtime.triton_kernels import fp8_linear, quantize_rows, w4a16_linear, w8a8_linear  # noqa: E402
+from qfx.runtime.triton_kernels import hadamard as triton_hadamard  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton 3.9's interpreter multiplies bfloat16 operands as their raw 16-bit patterns (create_dot
@@ -155,3 +157,19 @@ def test_gpu_bench_runs_in_one_command(tmp_path):
     assert {"w8a8 gemm (qfx)", "fp8 gemm (qfx)", "w4a16 g128 (qfx)", "torch._scaled_mm", "bf16 matmul"} <= set(ops)
     assert all(row["ops"][name]["ms"] > 0 for row in result["layers"] for name in row["ops"] if "qfx" in name)
     assert set(result["targets_met"]) == set(result["targets"]) and (tmp_path / "kernels_gpu.md").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), n=st.sampled_from([16, 96, 128, 176, 1024, 1280]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_hadamard_kernel_equals_the_cpu_op(rows, n, dtype, seed):
+    """Orders with a Paley factor (96 = 12 x 8, 176 = 44 x 4, 1280 = 20 x 64) and without, so
+    factors of orders below 16 and not powers of two are padded on the matrix units."""
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    reference = HADAMARD(x)
+    got = triton_hadamard(x.to(DEVICE)).cpu()
+    # the same factors in the same order; sums within a factor in another order, rounded to the
+    # dtype after each factor on both
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), reference.float(), rtol=tolerance,
+                               atol=tolerance * float(reference.float().abs().max()))
