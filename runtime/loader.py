@@ -157,13 +157,19 @@ def check_fits(model: torch.nn.Module, header: dict, manifest: dict, path: Path)
 
 
 def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes: bool = True,
-         trust_factory: bool = False) -> torch.nn.Module:
-    """The artifact in `folder` as an eager torch model in eval mode.
+         trust_factory: bool = False, program: bool = False, device: str | torch.device | None = None
+         ) -> torch.nn.Module:
+    """The artifact in `folder` as an eager torch model in eval mode, or with `program=True` its
+    lowered program (model.pt2: qfx.runtime.program.load_program), moved to `device` if given.
 
     The architecture comes from config.json (Hugging Face models) or the recorded factory;
     `model`, a float model of the same architecture, serves where neither exists (its linear
     layers are replaced and its tensors overwritten). A factory outside qfx's own examples runs
     only with `trust_factory=True`: it is code that the artifact names."""
+    if program:
+        from qfx.runtime.program import load_program
+
+        return load_program(folder, verify_hashes, device)
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify_hashes:
@@ -206,7 +212,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     _check_tied(model, manifest["tied"] if tied else {}, path)
-    return model.eval()
+    return model.eval() if device is None else model.eval().to(device)
 
 
 def _input_transforms(record: dict, layer_path: str, folder: Path) -> tuple[str, ...]:

@@ -51,9 +51,12 @@ def check_program_archive(path: Path) -> None:
                         raise bad(f"stores {fqn} as a pickled or custom object; qfx stores plain tensors only")
 
 
-def load_program(folder: str | Path, verify_hashes: bool = True) -> torch.nn.Module:
+def load_program(folder: str | Path, verify_hashes: bool = True, device: str | torch.device | None = None
+                 ) -> torch.nn.Module:
     """The artifact's lowered program as a module: call it as the captured model (input ids and,
-    for encoders, the attention mask), with any batch and sequence length the model allows."""
+    for encoders, the attention mask), with any batch and sequence length the model allows.
+    `device` moves every tensor the program holds there (e.g. "cuda": its fused ops then run
+    their Triton kernels)."""
     import qfx.runtime.qlinear  # noqa: F401  (registers the fused ops the program calls)
 
     folder = Path(folder)
@@ -66,7 +69,12 @@ def load_program(folder: str | Path, verify_hashes: bool = True) -> torch.nn.Mod
         check_hashes(folder, manifest)
     check_program_archive(path)
     try:
-        return torch.export.load(path).module()
+        program = torch.export.load(path)
     except Exception as exc:  # torch raises many kinds on a damaged archive; all mean the same
         raise ArtifactError(f"torch cannot load {PROGRAM_FILE}: {type(exc).__name__}: {str(exc)[:200]}",
                             where=str(path), hint=REBUILD) from None
+    if device is not None:
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()

@@ -227,6 +227,21 @@ def test_program_artifact_runs_the_lowered_graph(program_artifact):
     assert relative_error(qdq, got) <= 1e-5
 
 
+def test_runtime_load_gives_the_program_on_a_device(program_artifact):
+    """qfx.runtime.load(program=True) is load_program; `device` moves every tensor the program
+    holds (to meta here: the fused ops' fake implementations then give the output's shape)."""
+    import qfx.runtime
+
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(qfx.runtime.load(program_artifact.artifact_dir, program=True)(ids),
+                           load_program(program_artifact.artifact_dir)(ids))
+        on_meta = qfx.runtime.load(program_artifact.artifact_dir, program=True, device="meta")
+        out = on_meta(ids.to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 9, 256)
+    assert {t.device.type for t in on_meta.state_dict().values()} == {"meta"}
+
+
 def _rewritten(source: Path, target: Path, edit) -> Path:
     """A copy of the PT2 archive `source` with each entry's bytes passed through edit(name, data)."""
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
