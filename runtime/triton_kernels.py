@@ -178,15 +178,17 @@ def scaled_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, b_sum_pt
 scaled_matmul_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "CODES"])(scaled_matmul_kernel)
 
 
-def _launch(kernel, autotuned, m: int, n: int, args: tuple, flags: dict, config: dict | None) -> None:
-    """One program per BLOCK_M x BLOCK_N tile of the [m, n] output: the autotuned kernel, or
-    `kernel` with the tile shape `config` fixes."""
+def _launch(kernel, autotuned, m: int, n: int, args: tuple, flags: dict, config: dict | None, splits: int = 1
+            ) -> None:
+    """One program per BLOCK_M x BLOCK_N tile of the [m, n] output (times `splits` along K): the
+    autotuned kernel, or `kernel` with the tile shape `config` fixes."""
     if config is None:
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits
         autotuned[grid](*args, **flags)
     else:
-        kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))](*args, **flags, **config)
+        kernel[(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), splits)](*args, **flags,
+                                                                                            **config)
 
 
 def scaled_matmul(a: torch.Tensor, a_offset: int, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -239,10 +241,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 @triton.jit
 def w4a16_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, group_size,
                  stride_am, stride_ak, stride_bk, stride_bw, stride_sg, stride_sn, stride_zg, stride_zw,
-                 stride_cm, stride_cn, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c = a @ ((q - z) * s) + bias; q, z: 4-bit codes packed along N in Quark's nibble order."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                 stride_cs, stride_cm, stride_cn, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """c = a @ ((q - z) * s) + bias; q, z: 4-bit codes packed along N in Quark's nibble order.
+    SPLIT_K > 1: program k sums every SPLIT_K-th K block into c[k] (float32, no bias)."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -250,7 +254,7 @@ def w4a16_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, group_siz
     # QUARK_INT4_ORDER (0, 2, 4, 6, 1, 3, 5, 7): an even output e sits in nibble e / 2, an odd one in 4 + e // 2
     shift = 4 * ((rn % 2) * 4 + (rn % 8) // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         kk = k0 + rk
         kn_mask = (kk[:, None] < K) & (rn[None, :] < N)
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
@@ -269,30 +273,44 @@ def w4a16_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, group_siz
             q = q - z
         w = (q.to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision="ieee")
-    if HAS_BIAS:
+    if HAS_BIAS and SPLIT_K == 1:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(c_ptr + pid_k * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-w4a16_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K"])(w4a16_kernel)
+w4a16_autotuned = triton.autotune(configs=_configs(), key=["M", "N", "K", "SPLIT_K"])(w4a16_kernel)
+# At decode (a few rows) the output has too few tiles to keep the GPU's memory busy: K is split
+# over up to MAX_SPLIT_K programs per tile, each at least SPLIT_MIN_K long, and the float32
+# partial sums added after.
+DECODE_ROWS, SPLIT_MIN_K, MAX_SPLIT_K = 16, 512, 16
+
+
+def k_splits(m: int, k: int) -> int:
+    return 1 if m > DECODE_ROWS else max(1, min(MAX_SPLIT_K, k // SPLIT_MIN_K))
 
 
 def w4a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                  weight_zero_point: torch.Tensor | None, bias: torch.Tensor | None, qdtype: QDType,
                  group_size: int, config: dict | None = None) -> torch.Tensor:
-    """qfx::qlinear_w4a16 on the kernel. `config` fixes the tile shape instead of autotuning."""
+    """qfx::qlinear_w4a16 on the kernel. `config` fixes the tile shape (and may fix SPLIT_K)
+    instead of autotuning."""
     a = x.reshape(-1, x.shape[-1])
     m, k = a.shape
     n = weight_scale.shape[1]
-    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    config = None if config is None else dict(config)
+    splits = config.pop("SPLIT_K", None) if config else None
+    splits = splits or k_splits(m, k)
+    c = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     z = weight if weight_zero_point is None else weight_zero_point  # unused pointer when None
     args = (a, weight, weight_scale, z, c if bias is None else bias, c, m, n, k, group_size,
             a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), weight_scale.stride(0),
-            weight_scale.stride(1), z.stride(0), z.stride(1), c.stride(0), c.stride(1))
-    flags = {"SIGNED": qdtype.is_signed, "HAS_ZP": weight_zero_point is not None, "HAS_BIAS": bias is not None}
-    _launch(w4a16_kernel, w4a16_autotuned, m, n, args, flags, config)
-    return c.reshape(*x.shape[:-1], n)
+            weight_scale.stride(1), z.stride(0), z.stride(1), c.stride(0), c.stride(1), c.stride(2))
+    flags = {"SIGNED": qdtype.is_signed, "HAS_ZP": weight_zero_point is not None, "HAS_BIAS": bias is not None,
+             "SPLIT_K": splits}
+    _launch(w4a16_kernel, w4a16_autotuned, m, n, args, flags, config, splits)
+    out = c[0] if splits == 1 else (c.sum(0) if bias is None else c.sum(0).add_(bias)).to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
 
 
 @triton.jit

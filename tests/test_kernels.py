@@ -57,10 +57,12 @@ def test_w8a8_kernel_equals_the_cpu_op(m, n, k, scheme, bias, per_channel, tile,
 @given(m=st.integers(1, 300), n=st.sampled_from([16, 48, 80, 128]), groups=st.integers(1, 3),
        group_size=st.sampled_from([16, 32, 64]), qdtype=st.sampled_from(["int4", "uint4"]),
        zero_point=st.booleans(), bias=st.booleans(), dtype=st.sampled_from(FLOAT_DTYPES),
-       tile=TILES, seed=st.integers(0, 2**16))
-def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_point, bias, dtype, tile, seed):
+       tile=TILES, split_k=st.sampled_from([None, 2, 3]), seed=st.integers(0, 2**16))
+def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_point, bias, dtype, tile, split_k,
+                                        seed):
     """Codes packed by the artifact's own packer (pack_quark_int4), so the kernel's nibble order is
-    the safetensors layout's."""
+    the safetensors layout's; K split over programs too (as at decode), also where a split gets
+    no block."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group_size
     q = QDType(qdtype)
@@ -73,7 +75,7 @@ def test_w4a16_kernel_equals_the_cpu_op(m, n, groups, group_size, qdtype, zero_p
     args = (x, packed, scale_t, zeros_packed if zero_point else None, b)
     reference = QLINEAR_W4A16(*args, qdtype, group_size)
     on_device = [None if t is None else t.to(DEVICE) for t in args]
-    got = w4a16_linear(*on_device, q, group_size, tile).cpu()
+    got = w4a16_linear(*on_device, q, group_size, {**tile, "SPLIT_K": split_k}).cpu()
     # float32: same products, another summation order; 16-bit: the same 16-bit operands, float32
     # sums vs CPU's own, rounded to 16 bits
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
