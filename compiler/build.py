@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from qfx import __version__
+from qfx import __version__, budget
 from qfx.background import in_background, settle
 from qfx.calib_data import CalibrationSet, calibration_set, run_calibration
 from qfx.capture import ModelBundle, dynamic_dims, export, load_model, wrap_module
-from qfx.errors import ModelLoadError, OutputError, QfxWarning, SpecError, UserError
+from qfx.errors import BudgetError, ModelLoadError, OutputError, QfxWarning, SpecError, UserError
 from qfx.lowering import AtomicDir, emit_artifact, write_manifest, write_model_file
 from qfx.passes import PassContext, format_pipeline, parse_pipeline
 from qfx.passes.annotate import linear_nodes
@@ -179,6 +179,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         with _timed(seconds, "load"):
             bundle = _bundle(model, example_inputs, cfg)
             data = calibration_set(cfg.calibration, bundle, given="calibration" in cfg.model_fields_set)
+            evaluation = budget.prepare(cfg.evaluate, bundle, data) if cfg.evaluate is not None else None
             state_sha256 = _state_sha256(bundle) if out is not None else None
         example = _example(data)
         with _timed(seconds, "export"):
@@ -220,11 +221,22 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 check_batch = next(data.batches(CHECK_SAMPLES))
                 reference = first_tensor(bundle.module(*check_batch))
                 check = _output_check(reference, first_tensor(gm(*check_batch)), bundle.kind, check_batch[0].shape[0])
+        verdict = None
+        if evaluation is not None:
+            if "qdq" not in ctx.facts:
+                raise UserError(f"evaluate judges the quantized graph, and pipeline {format_pipeline(items)!r} does "
+                                "not convert", hint="add convert, or remove the evaluate section")
+            with _timed(seconds, "evaluate"):
+                verdict = budget.evaluate(evaluation, bundle, gm)
 
         manifest = None
         if out is not None:
             with _timed(seconds, "emit"):
                 header = _header(bundle, loaded, items, data, check, out.target, state_sha256)
+                if verdict is not None:
+                    header["evaluate"] = verdict
+                    if not verdict["passed"]:  # kept for inspection, beside output.dir, not in it
+                        out.retarget(over_budget_dir(out.target))
                 if (rotation := ctx.stats.get(Rotation.name)) is not None:
                     header["rotation"] = {k: v for k, v in rotation.items()
                                           if k not in ("modified", "seconds", "channel_max")}
@@ -240,12 +252,24 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
                                  ctx.float_weights, folds, ctx.stats.get(Rotation.name),
                                  _weight_algorithm_records(ctx.stats), program)
+        if verdict is not None and not verdict["passed"]:
+            written = f"the artifact was written to {out.target} for inspection, not to {out_path}" if out \
+                else "nothing was written"
+            raise BudgetError(f"the quantized model is over its accuracy budget on {verdict['data']}: "
+                              + "; ".join(verdict["failures"]), figures=verdict,
+                              hint=f"{written}; quantize less aggressively (a weight algorithm, finer groups, "
+                                   "more layers excluded) or relax evaluate.budget")
         return CompileResult(gm, plan, manifest, out.target if out else None,
-                             dict(ctx.stats, check=check, seconds=seconds), bundle.root_prefix)
+                             dict(ctx.stats, check=check, seconds=seconds, evaluate=verdict), bundle.root_prefix)
     finally:
         if out is not None:
             settle(model_file)
             out.__exit__(None, None, None)
+
+
+def over_budget_dir(target: Path) -> Path:
+    """Where a build over its accuracy budget puts its artifact: beside output.dir, named for it."""
+    return target.with_name(target.name + ".over-budget")
 
 
 def _pipeline(cfg, explicit: str | None) -> list:

@@ -46,22 +46,23 @@ def read_text(path: Path, what: str = "calibration", error: type[UserError] = Ca
     return text
 
 
-def _tokenizer(bundle: ModelBundle):
+def tokenizer_of(bundle: ModelBundle, what: str = "calibration", error: type[UserError] = CalibrationError):
+    """The model's own tokenizer, or an `error` that says which data needed it."""
     import transformers
 
     if bundle.model_dir is None:
-        raise CalibrationError("text calibration needs the model's tokenizer, and this model has no directory",
-                               hint="use calibration.tokens (a file of token ids) or synthetic: true")
+        raise error(f"{what} text needs the model's tokenizer, and this model has no directory",
+                    hint=f"use {what}.tokens (a file of token ids)")
     try:
         return transformers.AutoTokenizer.from_pretrained(bundle.model_dir)
     except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot load the tokenizer of {bundle.model_dir}: {str(exc).splitlines()[0]}") from None
+        raise error(f"cannot load the tokenizer of {bundle.model_dir}: {str(exc).splitlines()[0]}") from None
 
 
 def from_text(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     path = Path(cfg.text)
     text = read_text(path)
-    tok = _tokenizer(bundle)
+    tok = tokenizer_of(bundle)
     split = cfg.split or ("document" if bundle.kind == "causal_lm" else "lines")
     if split == "document":
         ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0]  # whole file, BOS once
@@ -91,27 +92,36 @@ def from_text(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
     return CalibrationSet(inputs, f"{path.name} ({split}, {cfg.samples} × {cfg.seq_len})")
 
 
-def from_tokens(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
-    path = Path(cfg.tokens)
+def read_token_file(path: Path, bundle: ModelBundle, what: str = "calibration",
+                    error: type[UserError] = CalibrationError) -> torch.Tensor:
+    """The integer token ids of a .npy or .safetensors file (its single tensor or 'input_ids'),
+    within the model's vocabulary, as int64."""
     if not path.is_file():
-        raise CalibrationError(f"calibration token file not found: {path}")
+        raise error(f"{what} token file not found: {path}")
     if path.suffix == ".npy":
         try:
             ids = torch.from_numpy(np.load(path, allow_pickle=False))
         except ValueError as exc:
-            raise CalibrationError(f"cannot read {path} as a .npy array of token ids: {exc}") from None
+            raise error(f"cannot read {path} as a .npy array of token ids: {exc}") from None
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(path)
         if len(tensors) != 1 and "input_ids" not in tensors:
-            raise CalibrationError(f"{path} holds {sorted(tensors)}; qfx reads its single tensor or 'input_ids'")
+            raise error(f"{path} holds {sorted(tensors)}; qfx reads its single tensor or 'input_ids'")
         ids = tensors.get("input_ids", next(iter(tensors.values())))
     else:
-        raise CalibrationError(f"calibration.tokens must be a .npy or .safetensors file, got {path.name}")
+        raise error(f"{what}.tokens must be a .npy or .safetensors file, got {path.name}")
     if ids.is_floating_point() or ids.numel() == 0:
-        raise CalibrationError(f"{path} must hold integer token ids (got {ids.dtype}, {tuple(ids.shape)})")
-    ids = ids.long()
+        raise error(f"{path} must hold integer token ids (got {ids.dtype}, {tuple(ids.shape)})")
+    if bundle.vocab_size and (ids.min() < 0 or ids.max() >= bundle.vocab_size):
+        raise error(f"{path} has token ids outside [0, {bundle.vocab_size}) of this model's vocabulary")
+    return ids.long()
+
+
+def from_tokens(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
+    path = Path(cfg.tokens)
+    ids = read_token_file(path, bundle)
     samples, seq_len = _token_shape(cfg, ids, path)
     need = samples * seq_len
     if ids.ndim == 1:
@@ -126,8 +136,6 @@ def from_tokens(cfg: Calibration, bundle: ModelBundle) -> CalibrationSet:
         ids = ids[:samples, :seq_len]
     else:
         raise CalibrationError(f"{path} must be 1-D or 2-D token ids, got shape {tuple(ids.shape)}")
-    if bundle.vocab_size and (ids.min() < 0 or ids.max() >= bundle.vocab_size):
-        raise CalibrationError(f"{path} has token ids outside [0, {bundle.vocab_size}) of this model's vocabulary")
     inputs = (ids, torch.ones_like(ids)) if bundle.kind == "encoder" else (ids,)
     return CalibrationSet(inputs, f"{path.name} ({samples} × {seq_len})")
 

@@ -1,4 +1,5 @@
-"""The `qfx` command: build, inspect, eval, verify, schema. Exit codes: 0 ok, 2 bad input, 1 internal."""
+"""The `qfx` command: build, inspect, eval, verify, schema. Exit codes: 0 ok, 2 bad input, 3 over the
+accuracy budget, 1 internal."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,10 @@ def _build(args) -> int:
     if m.get("check"):
         figures = ", ".join(f"{k} {v:.4g}" for k, v in m["check"].items() if k != "inputs")
         print(f"  quantized vs float on {m['check']['inputs']}: {figures}")
+    if m.get("evaluate"):
+        e = m["evaluate"]
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in e["figures"].items() if k not in ("tokens", "lines"))
+        print(f"  evaluated on {e['data']}: {figures}; within budget ({', '.join(e['budget']) or 'none set'})")
     if m.get("verify"):
         v = m["verify"]
         print(f"  verified model.onnx = model.safetensors: {v['tensors_identical']} tensors bit-identical, "
@@ -56,15 +61,19 @@ def _inspect(args) -> int:
 
 
 def _eval(args) -> int:
+    from qfx.budget import parse_budget
     from qfx.evaluation import evaluate_artifact
 
+    budget = parse_budget(args.budget) if args.budget else None
     figures = evaluate_artifact(Path(args.dir), Path(args.text), window=args.window, max_tokens=args.max_tokens,
-                                trust_factory=args.trust_factory)
+                                trust_factory=args.trust_factory, budget=budget)
     if args.json:
         print(json.dumps(figures, indent=2, sort_keys=True))
         return 0
     for key, value in figures.items():
         print(f"{key:>30}: {value:.6g}" if isinstance(value, float) else f"{key:>30}: {value}")
+    if budget:
+        print(f"within budget: {', '.join(f'{k} {v:g}' for k, v in budget.items())}")
     return 0
 
 
@@ -111,13 +120,17 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_inspect)
-    e = sub.add_parser("eval", help="perplexity of float vs quantized, logits error and top-1 agreement")
+    e = sub.add_parser("eval", help="perplexity of float vs quantized, logits error and top-1 agreement, "
+                                    "optionally judged against a budget")
     e.add_argument("dir")
     e.add_argument("--text", required=True, help="UTF-8 text, tokenized whole with the artifact's tokenizer")
     e.add_argument("--window", type=int, default=256, help="tokens per non-overlapping window (default 256, at least 2)")
     e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     e.add_argument("--json", action="store_true")
     e.add_argument("--trust-factory", action="store_true", help=TRUST_HELP)
+    e.add_argument("--budget", action="append", metavar="NAME=VALUE[,...]",
+                   help="fail (exit 3) outside it: perplexity_increase=2%%, logits_rel_error=0.1, "
+                        "top1_agreement=0.95")
     e.set_defaults(func=_eval)
     v = sub.add_parser("verify", help="prove model.safetensors and model.onnx hold the same codes and compute the same")
     v.add_argument("dir")

@@ -1,6 +1,7 @@
 """qfx's errors (defined in qfx.runtime.errors so the runtime can raise them without the compiler)."""
 from qfx.runtime.errors import (
                                 ArtifactError,
+                                BudgetError,
                                 CalibrationError,
                                 ExportError,
                                 ModelLoadError,
@@ -12,5 +13,5 @@ from qfx.runtime.errors import (
                                 UserError,
 )
 
-__all__ = ["ArtifactError", "CalibrationError", "ExportError", "ModelLoadError", "OutputError",
+__all__ = ["ArtifactError", "BudgetError", "CalibrationError", "ExportError", "ModelLoadError", "OutputError",
            "PassFailure", "QfxError", "QfxWarning", "SpecError", "UserError"]

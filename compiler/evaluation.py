@@ -5,12 +5,13 @@ from pathlib import Path
 
 import torch
 
+from qfx.budget import check_measurable, over_budget
 from qfx.calib_data import read_text
 from qfx.capture import load_factory, load_hf
-from qfx.errors import ArtifactError, ModelLoadError, UserError
+from qfx.errors import ArtifactError, BudgetError, ModelLoadError, UserError
 from qfx.runtime import load
 from qfx.runtime.artifact_files import read_manifest
-from qfx.runtime.evaluate import compare_outputs, perplexity, windows
+from qfx.runtime.evaluate import compare_lm, perplexity
 from qfx.runtime.loader import check_factory_trusted
 
 
@@ -57,16 +58,20 @@ def _check_tokenizer_hashed(folder: Path, manifest: dict) -> None:
 
 
 def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_tokens: int | None = None,
-                      trust_factory: bool = False) -> dict:
-    """Perplexity of the artifact and of its float source on a text. The float source is rebuilt
-    from the recorded factory only if it is qfx's own or `trust_factory` (it is code the
-    artifact names); the artifact is loaded, its files checked, before its tokenizer is read."""
+                      trust_factory: bool = False, budget: dict[str, float] | None = None) -> dict:
+    """The artifact against its float source on a text (qfx.runtime.evaluate.compare_lm), judged
+    against `budget` (limits as qfx.budget.parse_budget gives them: a BudgetError when over). The
+    float source is rebuilt from the recorded factory only if it is qfx's own or `trust_factory`
+    (it is code the artifact names); the artifact is loaded, its files checked, before its
+    tokenizer is read."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest["model"]["kind"] != "causal_lm":
         raise UserError("qfx eval measures perplexity, so it needs a causal LM artifact")
     if window < 2:
         raise UserError(f"--window must be at least 2 tokens, got {window}")
+    if budget:
+        check_measurable(budget, "causal_lm")
     if "factory" in manifest["model"]:
         check_factory_trusted(folder, manifest["model"]["factory"], trust_factory)
     text = read_text(text_path, "evaluation", UserError)
@@ -82,22 +87,23 @@ def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_toke
         raise ArtifactError(f"the artifact's tokenizer gives token id {int(ids.max())}, but its model has {vocab} "
                             "embeddings: the tokenizer files belong to another model", where=str(folder),
                             hint="rebuild the artifact from a model directory whose tokenizer matches it")
-    figures: dict = {"tokens": None}
-    q = perplexity(lambda x: quantized(x).logits, ids, window)
-    figures["tokens"] = q["tokens"]
-    figures["quantized_perplexity"] = q["perplexity"]
     reference = float_model(folder, manifest)
     if reference is None:
-        figures["float_perplexity"] = None
-        figures["note"] = ("no float reference: the artifact was built from a model in memory, or its source "
-                           f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded")
-        return figures
-    fp = perplexity(lambda x: reference(input_ids=x, use_cache=False).logits, ids, window)
-    figures["float_perplexity"] = fp["perplexity"]
-    figures["perplexity_change_pct"] = 100 * (q["perplexity"] / fp["perplexity"] - 1)
-    first = windows(ids, window)[0].unsqueeze(0)
-    with torch.no_grad():
-        cmp = compare_outputs(reference(input_ids=first, use_cache=False).logits, quantized(first).logits, top1=True)
-    figures["logits_rel_error_first_window"] = cmp["rel_error"]
-    figures["top1_agreement_first_window"] = cmp["top1_agreement"]
+        if budget:
+            raise UserError("--budget compares the artifact with its float model, which cannot be found: the "
+                            "artifact was built from a model in memory, or its source "
+                            f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded",
+                            hint="evaluate where the source model is, or build with an evaluate section instead")
+        q = perplexity(lambda x: quantized(x).logits, ids, window)
+        return {"tokens": q["tokens"], "quantized_perplexity": q["perplexity"], "float_perplexity": None,
+                "note": "no float reference: the artifact was built from a model in memory, or its source "
+                        f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded"}
+    figures = compare_lm(lambda x: reference(input_ids=x, use_cache=False).logits, lambda x: quantized(x).logits,
+                         ids, window)
+    if budget:
+        figures["budget"] = budget
+        if failures := over_budget(figures, budget):
+            raise BudgetError(f"{folder} is over the accuracy budget on {text_path.name}: " + "; ".join(failures),
+                              figures=figures, hint="the figures are the artifact's against its float model "
+                                                    f"over {figures['tokens']} predicted tokens")
     return figures

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from qfx.runtime.formats import Granularity, ObserverKind
 
@@ -233,6 +233,60 @@ class Calibration(_Model):
         return self
 
 
+def _fraction(value):
+    """A share written as a percent ("2%", any size) or as a fraction of at most 1 (0.02): a bare
+    2 would be ambiguous between 2% and 200%."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a share: write a percent ('2%') or a fraction (0.02)") from None
+    if number > 1:
+        raise ValueError(f"{value!r} as a fraction is over 100%: write '{number:g}%' for a percent")
+    return number
+
+
+Fraction = Annotated[float, BeforeValidator(_fraction), Field(ge=0)]
+
+
+class Budget(_Model):
+    """What the quantized model must keep against the float one; each figure left out is measured,
+    not judged. Causal LMs: perplexity_increase, logits_rel_error, top1_agreement; encoders:
+    mean_cosine (and logits_rel_error of the last hidden state)."""
+
+    perplexity_increase: Fraction | None = Field(
+        default=None, description="the most the perplexity may rise, relative: '2%' or 0.02")
+    logits_rel_error: float | None = Field(default=None, gt=0, description="the largest relative error of the outputs")
+    top1_agreement: Fraction | None = Field(
+        default=None, le=1, description="the least share of positions whose top-1 token is the float model's")
+    mean_cosine: float | None = Field(default=None, ge=-1, le=1,
+                                      description="encoders: the least mean cosine of mean-pooled outputs")
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Evaluate(_Model):
+    """Data the build evaluates the quantized model on at its end, against the float model, and the
+    budget it must keep: a build over budget exits with code 3 and does not publish its artifact."""
+
+    text: PathText | None = Field(default=None, description="a UTF-8 text file: one token stream (causal LMs) "
+                                  "or one sample per non-empty line (encoders)")
+    tokens: PathText | None = Field(default=None, description="a .safetensors or .npy file of token ids")
+    seq_len: int = Field(default=256, ge=2, description="tokens per window (causal LMs) or per line (encoders)")
+    max_tokens: int | None = Field(default=None, ge=2, description="causal LMs: use only the first N tokens")
+    max_lines: int | None = Field(default=None, ge=1, description="encoders: use only the first N lines")
+    budget: Budget = Field(default_factory=Budget)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give exactly one of text or tokens")
+        return self
+
+
 class OutputFormat(str, enum.Enum):
     safetensors = "safetensors"  # Quark layout + config.json: transformers (amd-quark) and vLLM
     onnx = "onnx"  # QDQ at opset 21: ONNX Runtime (MIGraphX, ROCm and CPU execution providers)
@@ -382,6 +436,8 @@ class Spec(_Model):
     quantization: Quantization
     algorithms: list[Algorithm] = Field(default_factory=list, description="transforms run before "
                                         "quantization, in order, e.g. [{smoothquant: {alpha: auto}}]")
+    evaluate: Evaluate | None = Field(default=None, description="evaluation data and an accuracy budget, "
+                                      "judged at the end of the build")
     output: Output | None = None
 
     @field_validator("algorithms")

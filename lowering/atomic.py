@@ -60,6 +60,17 @@ class AtomicDir:
                               hint="choose a writable output.dir (or -o DIR)") from None
         return self
 
+    def retarget(self, target: Path) -> None:
+        """Publish at `target` instead: a directory beside the first one (the scratch directory is
+        in their common folder), which qfx wrote or which does not exist."""
+        target = Path(target).resolve()
+        if target.parent != self.target.parent:
+            raise ValueError(f"{target} is not beside {self.target}")
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not made_by_qfx(target))):
+            raise OutputError(f"{target} exists and was not written by qfx, so the build cannot put its artifact "
+                              "there", hint="move it away")
+        self.target = target
+
     def commit(self) -> None:
         umask = os.umask(0)
         os.umask(umask)

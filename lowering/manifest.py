@@ -109,6 +109,18 @@ def _weight_algorithm_section(layers: dict) -> list[str]:
     return lines + [""]
 
 
+def _evaluate_section(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    verdict = "within budget" if record["passed"] else "**over budget**: " + "; ".join(record["failures"])
+    lines = [f"## Evaluation (quantized vs float, on {record['data']}): {verdict}", "",
+             "| figure | value | budget |", "|---|---|---|"]
+    for key, value in record["figures"].items():
+        limit = record["budget"].get(key)
+        lines.append(f"| {key} | {value:.6g} | {'—' if limit is None else f'{limit:g}'} |")
+    return lines + [""]
+
+
 def render_report(manifest: dict) -> str:
     lines = [f"# qfx build report: {manifest['model']['name']}", ""]
     lines += [f"- target: `{manifest['target']}`",
@@ -124,6 +136,7 @@ def render_report(manifest: dict) -> str:
             if key != "inputs":
                 lines.append(f"| {key} | {value:.6g} |")
         lines.append("")
+    lines += _evaluate_section(manifest.get("evaluate"))
     verify = manifest.get("verify")
     if verify:
         lines += [f"## Verified: model.safetensors = model.onnx ({verify['inputs']})", "",

@@ -1,7 +1,8 @@
 """qfx's error types. Each says what went wrong, where, and how to fix it.
 
 They live at the bottom of the import graph so every layer can raise them; `qfx.errors`
-re-exports them. `exit_code` is what the CLI returns: 2 for bad input, 1 for a qfx fault.
+re-exports them. `exit_code` is what the CLI returns: 2 for bad input, 3 for a model over its
+accuracy budget, 1 for a qfx fault.
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ class OutputError(UserError):
 
 class ArtifactError(UserError):
     """An artifact directory that is missing files, or whose files disagree."""
+
+
+class BudgetError(QfxError):
+    """The quantized model is outside the accuracy budget its spec (or `qfx eval --budget`) sets."""
+    exit_code = 3
+
+    def __init__(self, message: str, *, figures: dict, where: str | None = None, hint: str | None = None):
+        self.figures = figures
+        super().__init__(message, where=where, hint=hint)
 
 
 class PassFailure(QfxError):

@@ -30,6 +30,30 @@ def perplexity(logits_fn: Logits, ids: torch.Tensor, window: int = 256) -> dict:
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
 
 
+@torch.no_grad()
+def compare_lm(reference: Logits, quantized: Logits, ids: torch.Tensor, window: int = 256,
+               progress: Callable[[int], None] | None = None) -> dict:
+    """A quantized causal LM against its float reference over `ids` cut into non-overlapping
+    windows, both run once per window: their perplexities, the relative increase, and over every
+    predicted position the logits' relative error and the top-1 agreement. `progress(tokens)` is
+    called after each window."""
+    nll = {"float": 0.0, "quantized": 0.0}
+    count, diff_sq, ref_sq, agree = 0, 0.0, 0.0, 0
+    for chunk in windows(ids, window):
+        ref, q = (fn(chunk.unsqueeze(0))[0, :-1].float() for fn in (reference, quantized))
+        nll["float"] += float(F.cross_entropy(ref.double(), chunk[1:], reduction="sum"))
+        nll["quantized"] += float(F.cross_entropy(q.double(), chunk[1:], reduction="sum"))
+        diff_sq += sum_squares(q - ref)
+        ref_sq += sum_squares(ref)
+        agree += int((q.argmax(-1) == ref.argmax(-1)).sum())
+        count += chunk.numel() - 1
+        if progress is not None:
+            progress(chunk.numel())
+    fp, qp = math.exp(nll["float"] / count), math.exp(nll["quantized"] / count)
+    return {"tokens": count, "float_perplexity": fp, "quantized_perplexity": qp, "perplexity_increase": qp / fp - 1,
+            "logits_rel_error": math.sqrt(diff_sq / max(ref_sq, 1e-300)), "top1_agreement": agree / count}
+
+
 def first_tensor(out):
     """A model's output tensor: Hugging Face wrappers return one, plain modules may nest it."""
     while isinstance(out, (tuple, list)):
