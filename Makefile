@@ -11,6 +11,10 @@ QUARK_STAMP := $(QUARK_VENV)/.installed
 # environment: the conformance tests verify every spec's artifact there too.
 ORT122_VENV ?= .venv-ort122
 ORT122_STAMP := $(ORT122_VENV)/.installed
+# lm-evaluation-harness (qfx[eval], the model type `qfx`) in its own environment: it pulls datasets
+# and many more packages that qfx itself does not need.
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
 
 .PHONY: setup demo test test-fast conformance-setup bench gpu-check clean
 
@@ -36,7 +40,13 @@ $(ORT122_STAMP): pyproject.toml constraints.txt
 	$(ORT122_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[onnx]' 'onnxruntime==1.22.*'
 	touch $@
 
-conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP)
+$(LMEVAL_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LMEVAL_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[eval,onnx]'
+	touch $@
+
+conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP)
 
 # Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
 demo: setup
@@ -47,7 +57,7 @@ demo: setup
 
 test: setup conformance-setup
 	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python QFX_ORT122_PYTHON=$(abspath $(ORT122_VENV))/bin/python \
-		$(PY) -m pytest -q
+		QFX_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python $(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not conformance"

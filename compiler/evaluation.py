@@ -11,7 +11,7 @@ from qfx.capture import load_factory, load_hf
 from qfx.errors import ArtifactError, BudgetError, ModelLoadError, UserError
 from qfx.runtime import load
 from qfx.runtime.artifact_files import read_manifest
-from qfx.runtime.evaluate import compare_lm, perplexity
+from qfx.runtime.evaluate import compare_lm, rolling_perplexity
 from qfx.runtime.loader import check_factory_trusted
 
 
@@ -28,21 +28,22 @@ def float_model(folder: Path, manifest: dict) -> torch.nn.Module | None:
     return None
 
 
-def token_stream(folder: Path, text: str, name: str) -> torch.Tensor:
-    """`text` tokenized whole with the artifact's tokenizer (`name`: its file, for messages)."""
+def artifact_tokenizer(folder: Path, manifest: dict):
+    """The artifact's own tokenizer, from files the manifest hashes (load them only after the
+    artifact's hashes were checked)."""
     import transformers
 
     from qfx.lowering.emit import TOKENIZER_FILES
 
+    _check_tokenizer_hashed(folder, manifest)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # transformers and tokenizers raise many types on a missing or corrupted file
         if not any((folder / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
-            raise UserError(f"{folder} has no tokenizer files, so it cannot tokenize {name}",
+            raise UserError(f"{folder} has no tokenizer files, so it cannot tokenize text",
                             hint="build from a model directory that has tokenizer.json") from None
         raise ArtifactError(f"the artifact's tokenizer files cannot be loaded: {type(exc).__name__}: "
                             f"{str(exc)[:200]}", where=str(folder), hint="rebuild the artifact") from None
-    return tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
 
 
 def _check_tokenizer_hashed(folder: Path, manifest: dict) -> None:
@@ -76,8 +77,7 @@ def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_toke
         check_factory_trusted(folder, manifest["model"]["factory"], trust_factory)
     text = read_text(text_path, "evaluation", UserError)
     quantized = load(folder, trust_factory=trust_factory)
-    _check_tokenizer_hashed(folder, manifest)
-    ids = token_stream(folder, text, text_path.name)
+    ids = artifact_tokenizer(folder, manifest)(text, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:
@@ -94,7 +94,7 @@ def evaluate_artifact(folder: Path, text_path: Path, window: int = 256, max_toke
                             "artifact was built from a model in memory, or its source "
                             f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded",
                             hint="evaluate where the source model is, or build with an evaluate section instead")
-        q = perplexity(lambda x: quantized(x).logits, ids, window)
+        q = rolling_perplexity(lambda x: quantized(x).logits, ids, window)
         return {"tokens": q["tokens"], "quantized_perplexity": q["perplexity"], "float_perplexity": None,
                 "note": "no float reference: the artifact was built from a model in memory, or its source "
                         f"({manifest['model'].get('path') or manifest['model'].get('factory')}) cannot be loaded"}

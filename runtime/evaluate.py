@@ -21,7 +21,9 @@ def windows(ids: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def perplexity(logits_fn: Logits, ids: torch.Tensor, window: int = 256) -> dict:
-    """exp(mean NLL) over every predicted token of `ids` cut into non-overlapping windows."""
+    """exp(mean NLL) over every predicted token of `ids` cut into non-overlapping windows (each
+    window's first token is not predicted): the figure of this project's accuracy tests and
+    benches. `qfx eval` and budgets score as lm-evaluation-harness does (rolling_perplexity)."""
     total, count = 0.0, 0
     for chunk in windows(ids, window):
         logits = logits_fn(chunk.unsqueeze(0))[0, :-1].double()
@@ -30,25 +32,55 @@ def perplexity(logits_fn: Logits, ids: torch.Tensor, window: int = 256) -> dict:
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
 
 
+def rolling_windows(n: int, size: int) -> list[tuple[int, int, int]]:
+    """How a stream of n tokens is scored by lm-evaluation-harness's rolling loglikelihood (its
+    disjoint windows): every token after the first is predicted once, in groups of at most `size`;
+    a group's input is the `size` tokens before its last predicted token (fewer at the start), and
+    its predictions are the input's last logits. (start, end, scored): the input is
+    ids[start:end], and its last `scored` logits predict ids[end - scored + 1 : end + 1]."""
+    groups, first = [], 1
+    while first < n:
+        last = min(first + size, n) - 1
+        groups.append((max(0, last - size), last, last - first + 1))
+        first = last + 1
+    return groups
+
+
+def rolling_logits(logits_fn: Logits, ids: torch.Tensor, size: int):
+    """(scored logits [scored, vocab] float32, their targets) of each rolling window of `ids`."""
+    for start, end, scored in rolling_windows(ids.numel(), size):
+        logits = logits_fn(ids[start:end].unsqueeze(0))[0, -scored:].float()
+        yield logits, ids[end - scored + 1:end + 1]
+
+
+@torch.no_grad()
+def rolling_perplexity(logits_fn: Logits, ids: torch.Tensor, window: int = 256) -> dict:
+    """exp(mean NLL) of every token after the first, scored as rolling_windows says."""
+    total, count = 0.0, 0
+    for logits, targets in rolling_logits(logits_fn, ids, window):
+        total += float(F.cross_entropy(logits.double(), targets, reduction="sum"))
+        count += targets.numel()
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
 @torch.no_grad()
 def compare_lm(reference: Logits, quantized: Logits, ids: torch.Tensor, window: int = 256,
                progress: Callable[[int], None] | None = None) -> dict:
-    """A quantized causal LM against its float reference over `ids` cut into non-overlapping
-    windows, both run once per window: their perplexities, the relative increase, and over every
-    predicted position the logits' relative error and the top-1 agreement. `progress(tokens)` is
-    called after each window."""
+    """A quantized causal LM against its float reference over `ids`, both scored as lm-evaluation-
+    harness's rolling loglikelihood scores a document (rolling_windows): their perplexities, the
+    relative increase, and over every predicted position the logits' relative error and the top-1
+    agreement. `progress(tokens)` is called after each window."""
     nll = {"float": 0.0, "quantized": 0.0}
     count, diff_sq, ref_sq, agree = 0, 0.0, 0.0, 0
-    for chunk in windows(ids, window):
-        ref, q = (fn(chunk.unsqueeze(0))[0, :-1].float() for fn in (reference, quantized))
-        nll["float"] += float(F.cross_entropy(ref.double(), chunk[1:], reduction="sum"))
-        nll["quantized"] += float(F.cross_entropy(q.double(), chunk[1:], reduction="sum"))
+    for (ref, targets), (q, _) in zip(rolling_logits(reference, ids, window), rolling_logits(quantized, ids, window)):
+        nll["float"] += float(F.cross_entropy(ref.double(), targets, reduction="sum"))
+        nll["quantized"] += float(F.cross_entropy(q.double(), targets, reduction="sum"))
         diff_sq += sum_squares(q - ref)
         ref_sq += sum_squares(ref)
         agree += int((q.argmax(-1) == ref.argmax(-1)).sum())
-        count += chunk.numel() - 1
+        count += targets.numel()
         if progress is not None:
-            progress(chunk.numel())
+            progress(targets.numel())
     fp, qp = math.exp(nll["float"] / count), math.exp(nll["quantized"] / count)
     return {"tokens": count, "float_perplexity": fp, "quantized_perplexity": qp, "perplexity_increase": qp / fp - 1,
             "logits_rel_error": math.sqrt(diff_sq / max(ref_sq, 1e-300)), "top1_agreement": agree / count}

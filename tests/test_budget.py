@@ -14,7 +14,7 @@ from conftest import TINYSTORIES, TINYSTORIES_TEXT, WIKITEXT, minilm_dir, needs_
 import qfx
 from qfx.budget import over_budget, parse_budget
 from qfx.errors import BudgetError, UserError
-from qfx.runtime.evaluate import compare_lm, perplexity
+from qfx.runtime.evaluate import compare_lm, rolling_perplexity, rolling_windows
 
 
 def _ids(path, count: int, seed: int):
@@ -42,14 +42,26 @@ def test_budget_limits_and_verdicts():
             parse_budget([bad])
 
 
+def test_rolling_windows_score_every_token_once_as_lm_eval_does():
+    """lm-evaluation-harness's disjoint rolling windows over a stream [prefix] + tokens: each group
+    of `size` predictions reads the `size` tokens before its last target."""
+    assert rolling_windows(10, 4) == [(0, 4, 4), (4, 8, 4), (5, 9, 1)]
+    assert rolling_windows(3, 8) == [(0, 2, 2)] and rolling_windows(1, 4) == []
+    for n, size in [(257, 64), (300, 7), (64, 64)]:
+        targets = [t for start, end, scored in rolling_windows(n, size) for t in range(end - scored + 1, end + 1)]
+        assert targets == list(range(1, n))
+        assert all(end - start <= size for start, end, _ in rolling_windows(n, size))
+
+
 def test_compare_lm_is_the_perplexity_of_each_model():
     gen = torch.Generator().manual_seed(0)
     table, noise = torch.randn(50, 50, generator=gen), torch.randn(50, 50, generator=gen) * 0.1
     ids = torch.randint(0, 50, (300,), generator=gen)
     figures = compare_lm(lambda x: table[x], lambda x: (table + noise)[x], ids, window=64)
-    assert figures["float_perplexity"] == pytest.approx(perplexity(lambda x: table[x], ids, 64)["perplexity"])
-    assert figures["quantized_perplexity"] == pytest.approx(perplexity(lambda x: (table + noise)[x], ids, 64)
-                                                            ["perplexity"])
+    assert figures["tokens"] == 299
+    assert figures["float_perplexity"] == pytest.approx(rolling_perplexity(lambda x: table[x], ids, 64)["perplexity"])
+    assert figures["quantized_perplexity"] == pytest.approx(
+        rolling_perplexity(lambda x: (table + noise)[x], ids, 64)["perplexity"])
     same = compare_lm(lambda x: table[x], lambda x: table[x], ids, window=64)
     assert same["perplexity_increase"] == 0 and same["logits_rel_error"] == 0 and same["top1_agreement"] == 1
 
@@ -57,7 +69,7 @@ def test_compare_lm_is_the_perplexity_of_each_model():
 def test_build_within_its_budget_publishes_with_the_figures(tmp_path):
     result = qfx.compile(spec=_spec(tmp_path, {"perplexity_increase": "5%", "top1_agreement": 0.9}))
     record = result.manifest["evaluate"]
-    assert record["passed"] and not record["failures"] and record["figures"]["tokens"] == 1024 - 8
+    assert record["passed"] and not record["failures"] and record["figures"]["tokens"] == 1023
     # measured: +0.005% perplexity, 0.9995 top-1 agreement, logits relative error 0.012
     assert record["figures"]["perplexity_increase"] < 0.05 and record["figures"]["top1_agreement"] >= 0.9
     assert (tmp_path / "a" / "model.safetensors").exists() and not (tmp_path / "a.over-budget").exists()
