@@ -70,7 +70,8 @@ class QfxLM(TemplateLM):
                 raise UserError(f"{folder} has no model.onnx", hint="build with output.formats: [safetensors, onnx]")
             self.session = session(folder / "model.onnx")
         self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
-        self.batch_size = max(1, int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8)
+        # lm-eval's "auto" (or "auto:N") searches the largest batch that fits a GPU: 8 here
+        self.batch_size = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
 
     # -- tokens ---------------------------------------------------------------------------------
     @property
