@@ -16,7 +16,10 @@ lowered program exports, saves and reloads; on a GPU it runs the Triton kernel o
 - weight codes within -64..63 (`reduce_range: true`) run FBGEMM's int8 GEMM (torch's quantized
   linear), which is exact for such codes on every x86 vector unit: without VNNI it adds pairs of
   uint8 x int8 products in int16, and 2 x 255 x 64 still fits;
-- anything else runs `exact_integer_matmul`, float32 GEMMs no faster than the float layer.
+- full 8-bit codes run it twice, split as w = 16 hi + lo with |hi|, |lo| <= 8 (both exact), the
+  two float32 results added in float64: at decode many times faster than converting the codes
+  to float, at prefill about as fast;
+- without FBGEMM (e.g. ARM), `exact_integer_matmul`: float32 GEMMs no faster than the float layer.
 
 Against the QDQ graph, which multiplies the dequantized float values, the only difference is
 where the float rounding happens: here the integer sum is exact and the scales are applied
@@ -40,7 +43,9 @@ FLOAT32_EXACT_INTEGERS = 2 ** 24
 FLOAT32_WEIGHT_CODE_MAX = 128  # |int8 code| <= 128
 # FBGEMM without VNNI sums two uint8 x int8 products in int16: exact while 2 x 255 x |w| <= 32767.
 FBGEMM_EXACT_WEIGHT_MAX = 64
-# id(weight codes) -> (weak reference to them, their version, FBGEMM's packed form or None); an
+# Full int8 codes are split as w = SPLIT_BASE * hi + lo, hi = round(w / 16): |hi|, |lo| <= 8.
+SPLIT_BASE = 16
+# id(weight codes) -> (weak reference to them, their version, FBGEMM's packed forms or None); an
 # entry goes with its tensor. (A WeakKeyDictionary would compare tensors with ==.)
 _PACKED: dict[int, tuple] = {}
 
@@ -75,35 +80,50 @@ def quantized_input(x: torch.Tensor, scale: torch.Tensor | None, zero_point: tor
     return values, scale, int(largest)
 
 
-def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor):
-    """FBGEMM's packed form of int8 weight codes (packed once per weight tensor and kept while the
-    tensor lives), or None where FBGEMM would not be exact or this torch lacks it."""
+def _fbgemm_pack(codes: torch.Tensor, scale: torch.Tensor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notice that quantized tensors are deprecated
+        if scale.numel() == 1:
+            qweight = torch._make_per_tensor_quantized_tensor(codes, float(scale), 0)
+        else:
+            qweight = torch._make_per_channel_quantized_tensor(
+                codes, scale.double().reshape(-1), torch.zeros(codes.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> list | None:
+    """FBGEMM's packed forms of int8 weight codes, whose exact sums add up to the codes' (packed
+    once per weight tensor and kept while the tensor lives): the codes themselves within -64..63,
+    else their two halves (see the module docstring), hi with SPLIT_BASE times the scale. None where
+    this torch has no FBGEMM."""
     cached = _PACKED.get(id(weight))
     if cached is not None and cached[0]() is weight and cached[1] == weight._version:
         return cached[2]
-    packed = None
-    if weight.device.type == "cpu" and int(weight.abs().max()) <= FBGEMM_EXACT_WEIGHT_MAX:
+    parts = None
+    if weight.device.type == "cpu":
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notice that quantized tensors are deprecated
-                if weight_scale.numel() == 1:
-                    qweight = torch._make_per_tensor_quantized_tensor(weight, float(weight_scale), 0)
-                else:
-                    qweight = torch._make_per_channel_quantized_tensor(
-                        weight, weight_scale.double().reshape(-1), torch.zeros(weight.shape[0], dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qweight, None)
+            if int(weight.abs().max()) <= FBGEMM_EXACT_WEIGHT_MAX:
+                parts = [_fbgemm_pack(weight, weight_scale)]
+            else:
+                hi = torch.round(weight.float() / SPLIT_BASE)
+                lo = weight.float() - SPLIT_BASE * hi
+                parts = [_fbgemm_pack(hi.to(torch.int8), weight_scale * SPLIT_BASE),
+                         _fbgemm_pack(lo.to(torch.int8), weight_scale)]
         except (RuntimeError, AttributeError):  # no FBGEMM (e.g. ARM) or no quantized tensors any more
-            packed = None
+            parts = None
     key = id(weight)
-    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, packed)
-    return packed
+    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, parts)
+    return parts
 
 
-def _fbgemm_linear(values: torch.Tensor, zero_point: int, packed) -> torch.Tensor:
-    """sum_k values[:, k] * weight[n, k] * weight_scale[n] on FBGEMM, exactly summed. FBGEMM
-    quantizes its float input to uint8 itself (round(x / scale) + zero point): handed the integer
-    `values` with scale 1 and a zero point that lands them in 0..255, it takes them as they are."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(values, 1.0, zero_point, packed)
+def _fbgemm_linear(values: torch.Tensor, zero_point: int, parts: list) -> torch.Tensor:
+    """sum_k values[:, k] * weight[n, k] * weight_scale[n] on FBGEMM, exactly summed; two parts'
+    results added in float64. FBGEMM quantizes its float input to uint8 itself (round(x / scale)
+    + zero point): handed the integer `values` with scale 1 and a zero point that lands them in
+    0..255, it takes them as they are."""
+    outs = [torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(values, 1.0, zero_point, p)
+            for p in parts]
+    return outs[0] if len(outs) == 1 else outs[0].double().add_(outs[1])
 
 
 @torch.library.custom_op("qfx::qlinear_w8a8", mutates_args=())
@@ -114,12 +134,12 @@ def qlinear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     per-channel (or per-tensor) weight scales; `input_scale` None quantizes x per token."""
     qdtype = QDType(input_qdtype)
     values, scale, largest = quantized_input(x, input_scale, input_zero_point, qdtype)
-    packed = fbgemm_weight(weight, weight_scale)
-    if packed is not None:
+    parts = fbgemm_weight(weight, weight_scale)
+    if parts is not None:
         # codes minus zero point, moved into 0..255: int8 codes by 128, uint8 ones back by their zero point
         shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype is QDType.int8 else 0)
-        out = _fbgemm_linear(values.reshape(-1, values.shape[-1]), shift, packed)
-        out = out.reshape(*values.shape[:-1], -1) * scale
+        out = _fbgemm_linear(values.reshape(-1, values.shape[-1]), shift, parts)
+        out = (out.reshape(*values.shape[:-1], -1) * scale).float()
     else:
         acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX)
         out = (acc * scale.double() * weight_scale.double().reshape(-1)).float()
