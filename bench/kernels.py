@@ -11,9 +11,10 @@ Per layer shape of Llama-3-8B (q/k/v/o, gate/up, down) at decode (M = 1, 16) and
 Llama (hidden 1024) at M = 128: the median time of fp32 `F.linear`, of the op (static per-tensor
 and per-token inputs) and of `torch._int_mm` on the same int8 codes (where it finishes in
 reasonable time), all in this process; ratios are fp32 time / op time (above 1: faster than fp32).
-Then the bench Llama quantized W8A8 (static with 8-bit weights; static and per token with 7-bit
-weights, reduce_range, which run on FBGEMM; static with 7-bit weights and the LM head quantized
-too, as bench/ort.py builds it), lowered, against the fp32 model: batch 1 x 128
+Then the bench Llama quantized W8A8 (static with 8-bit weights, which run FBGEMM twice as two
+halves; static and per token with 7-bit weights, reduce_range, which run it once; static with
+7-bit weights and the LM head quantized too, as bench/ort.py builds it), lowered, against the
+fp32 model: batch 1 x 128
 tokens, the three models timed in turn for MODEL_ROUNDS rounds; the speedup is the median of
 the rounds' fp32 / lowered ratios.
 
