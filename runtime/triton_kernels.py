@@ -43,6 +43,7 @@ FP8_MIN_EXPONENT = {QDType.fp8_e4m3fn: -6, QDType.fp8_e4m3fnuz: -7}
 # 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude below 2^22 to the nearest
 # integer, ties to even, on every backend (no libdevice call).
 ROUNDING_MAGIC = tl.constexpr(12582912.0)
+SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as an int32
 
 
 def _configs() -> list:
@@ -72,12 +73,16 @@ def fp8_scale_factor(stored: torch.dtype, native: torch.dtype) -> float:
 @triton.jit
 def _round_to_fp8(y, FP8_EMIN: tl.constexpr):
     """y rounded, ties to even, to the nearest value of an FP8 E4M3 kind (3 mantissa bits) whose
-    smallest normal exponent is FP8_EMIN; the grid step of y's binade is 2^(exponent - 3)."""
-    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    smallest normal exponent is FP8_EMIN; the grid step of y's binade is 2^(exponent - 3). The
+    magnitude is rounded and y's sign bit put back, so that a negative value that rounds to zero
+    is -0, as the cast gives it."""
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
     step = tl.maximum(exponent, FP8_EMIN) - 3
     unit = ((step + 127) << 23).to(tl.float32, bitcast=True)  # 2^step
     inverse = ((127 - step) << 23).to(tl.float32, bitcast=True)
-    return ((y * inverse + ROUNDING_MAGIC) - ROUNDING_MAGIC) * unit
+    magnitude = ((tl.abs(y) * inverse + ROUNDING_MAGIC) - ROUNDING_MAGIC) * unit
+    return (magnitude.to(tl.int32, bitcast=True) | (bits & SIGN_BIT)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -94,6 +94,7 @@ def test_quantize_prologue_gives_the_reference_codes(m, k, scheme, magnitude, ze
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen) * magnitude
     x[0, :3] = torch.tensor([0.5, -1.5, 2.5]) / 16  # exact ties at the static scale 1/16
+    x[0, 3:6] = torch.tensor([-1e-9, -0.0, 0.0])  # zeros of both signs (FP8 keeps the sign: -0 is 0x80)
     if zero_row:
         x[-1] = 0
     name, kind = scheme.split(" ", 1)
