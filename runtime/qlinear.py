@@ -16,9 +16,10 @@ lowered program exports, saves and reloads; on a GPU it runs the Triton kernel o
 - weight codes within -64..63 (`reduce_range: true`) run FBGEMM's int8 GEMM (torch's quantized
   linear), which is exact for such codes on every x86 vector unit: without VNNI it adds pairs of
   uint8 x int8 products in int16, and 2 x 255 x 64 still fits;
-- full 8-bit codes run it twice, split as w = 16 hi + lo with |hi|, |lo| <= 8 (both exact), the
-  two float32 results added in float64: at decode many times faster than converting the codes
-  to float, at prefill about as fast;
+- full 8-bit codes run it twice, split as w = 16 hi + lo with |hi|, |lo| <= 8 (both exact), packed
+  with unit scales over K blocks short enough that FBGEMM's float32 output is the exact integer
+  sum; the halves are added and scaled in float64, which gives exact_integer_matmul's result bit
+  for bit. At decode many times faster than converting the codes to float, at prefill about as fast;
 - without FBGEMM (e.g. ARM), `exact_integer_matmul`: float32 GEMMs no faster than the float layer.
 
 Against the QDQ graph, which multiplies the dequantized float values, the only difference is
@@ -27,6 +28,7 @@ once to it, there every product and partial sum is rounded in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 
@@ -43,8 +45,11 @@ FLOAT32_EXACT_INTEGERS = 2 ** 24
 FLOAT32_WEIGHT_CODE_MAX = 128  # |int8 code| <= 128
 # FBGEMM without VNNI sums two uint8 x int8 products in int16: exact while 2 x 255 x |w| <= 32767.
 FBGEMM_EXACT_WEIGHT_MAX = 64
-# Full int8 codes are split as w = SPLIT_BASE * hi + lo, hi = round(w / 16): |hi|, |lo| <= 8.
+# Full int8 codes are split as w = SPLIT_BASE * hi + lo, hi = round(w / 16): |hi|, |lo| <= 8. A
+# half's sums stay below 2^24, so FBGEMM's float32 output holds them exactly, over K blocks of at
+# most 2^24 / (255 x 8) inputs.
 SPLIT_BASE = 16
+HALVES_BLOCK = 8192
 # id(weight codes) -> (weak reference to them, their version, FBGEMM's packed forms or None); an
 # entry goes with its tensor. (A WeakKeyDictionary would compare tensors with ==.)
 _PACKED: dict[int, tuple] = {}
@@ -91,39 +96,56 @@ def _fbgemm_pack(codes: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qweight, None)
 
 
-def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> list | None:
-    """FBGEMM's packed forms of int8 weight codes, whose exact sums add up to the codes' (packed
-    once per weight tensor and kept while the tensor lives): the codes themselves within -64..63,
-    else their two halves (see the module docstring), hi with SPLIT_BASE times the scale. None where
-    this torch has no FBGEMM."""
+@dataclasses.dataclass(frozen=True)
+class FbgemmWeight:
+    """int8 weight codes packed for FBGEMM: `codes` (within -64..63, packed with their scales), or
+    `halves`, (k0, k1, hi, lo) per K block of full 8-bit codes, packed with unit scales."""
+
+    codes: object | None = None
+    halves: tuple = ()
+
+
+def fbgemm_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> FbgemmWeight | None:
+    """FBGEMM's packed forms of int8 weight codes (packed once per weight tensor and kept while
+    the tensor lives; see the module docstring), or None where this torch has no FBGEMM."""
     cached = _PACKED.get(id(weight))
     if cached is not None and cached[0]() is weight and cached[1] == weight._version:
         return cached[2]
-    parts = None
+    packed = None
     if weight.device.type == "cpu":
         try:
             if int(weight.abs().max()) <= FBGEMM_EXACT_WEIGHT_MAX:
-                parts = [_fbgemm_pack(weight, weight_scale)]
+                packed = FbgemmWeight(codes=_fbgemm_pack(weight, weight_scale))
             else:
                 hi = torch.round(weight.float() / SPLIT_BASE)
-                lo = weight.float() - SPLIT_BASE * hi
-                parts = [_fbgemm_pack(hi.to(torch.int8), weight_scale * SPLIT_BASE),
-                         _fbgemm_pack(lo.to(torch.int8), weight_scale)]
+                lo = (weight.float() - SPLIT_BASE * hi).to(torch.int8)
+                hi, ones = hi.to(torch.int8), torch.ones(weight.shape[0])
+                packed = FbgemmWeight(halves=tuple(
+                    (k0, k0 + HALVES_BLOCK, _fbgemm_pack(hi[:, k0:k0 + HALVES_BLOCK].contiguous(), ones),
+                     _fbgemm_pack(lo[:, k0:k0 + HALVES_BLOCK].contiguous(), ones))
+                    for k0 in range(0, weight.shape[1], HALVES_BLOCK)))
         except (RuntimeError, AttributeError):  # no FBGEMM (e.g. ARM) or no quantized tensors any more
-            parts = None
+            packed = None
     key = id(weight)
-    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, parts)
-    return parts
+    _PACKED[key] = (weakref.ref(weight, lambda _: _PACKED.pop(key, None)), weight._version, packed)
+    return packed
 
 
-def _fbgemm_linear(values: torch.Tensor, zero_point: int, parts: list) -> torch.Tensor:
-    """sum_k values[:, k] * weight[n, k] * weight_scale[n] on FBGEMM, exactly summed; two parts'
-    results added in float64. FBGEMM quantizes its float input to uint8 itself (round(x / scale)
-    + zero point): handed the integer `values` with scale 1 and a zero point that lands them in
-    0..255, it takes them as they are."""
-    outs = [torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(values, 1.0, zero_point, p)
-            for p in parts]
-    return outs[0] if len(outs) == 1 else outs[0].double().add_(outs[1])
+def _fbgemm(values: torch.Tensor, zero_point: int, packed) -> torch.Tensor:
+    """sum_k values[:, k] * codes[n, k] * scale[n] on FBGEMM, the sum exact. FBGEMM quantizes its
+    float input to uint8 itself (round(x / scale) + zero point): handed the integer `values` with
+    scale 1 and a zero point that lands them in 0..255, it takes them as they are."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(values, 1.0, zero_point, packed)
+
+
+def _halves_matmul(values: torch.Tensor, zero_point: int, halves: tuple) -> torch.Tensor:
+    """values @ codes^T, exactly, as float64, from the packed halves of full 8-bit codes."""
+    total = None
+    for k0, k1, hi, lo in halves:
+        part = values[:, k0:k1].contiguous()
+        acc = _fbgemm(part, zero_point, hi).double().mul_(SPLIT_BASE).add_(_fbgemm(part, zero_point, lo))
+        total = acc if total is None else total.add_(acc)
+    return total
 
 
 @torch.library.custom_op("qfx::qlinear_w8a8", mutates_args=())
@@ -134,14 +156,15 @@ def qlinear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     per-channel (or per-tensor) weight scales; `input_scale` None quantizes x per token."""
     qdtype = QDType(input_qdtype)
     values, scale, largest = quantized_input(x, input_scale, input_zero_point, qdtype)
-    parts = fbgemm_weight(weight, weight_scale)
-    if parts is not None:
-        # codes minus zero point, moved into 0..255: int8 codes by 128, uint8 ones back by their zero point
-        shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype is QDType.int8 else 0)
-        out = _fbgemm_linear(values.reshape(-1, values.shape[-1]), shift, parts)
-        out = (out.reshape(*values.shape[:-1], -1) * scale).float()
+    packed = fbgemm_weight(weight, weight_scale)
+    # codes minus zero point, moved into 0..255: int8 codes by 128, uint8 ones back by their zero point
+    shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype is QDType.int8 else 0)
+    rows = values.reshape(-1, values.shape[-1])
+    if packed is not None and packed.codes is not None:
+        out = _fbgemm(rows, shift, packed.codes).reshape(*values.shape[:-1], -1) * scale
     else:
-        acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX)
+        acc = exact_integer_matmul(values, weight.float(), largest, FLOAT32_WEIGHT_CODE_MAX) if packed is None \
+            else _halves_matmul(rows, shift, packed.halves).reshape(*values.shape[:-1], -1)
         out = (acc * scale.double() * weight_scale.double().reshape(-1)).float()
     if bias is not None:
         out += bias

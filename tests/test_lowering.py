@@ -186,15 +186,36 @@ def test_w8a8_runs_fbgemm_exactly(qdtype, bits):
     scale = None if "per token" in qdtype else torch.tensor(0.02)
     zero_point = torch.tensor(100, dtype=torch.uint8) if qdtype == "uint8" else None
     qdtype = qdtype.split()[0]
-    assert len(fbgemm_weight(weight, w_scale)) == (1 if bits == 7 else 2)
+    packed = fbgemm_weight(weight, w_scale)
+    assert (packed.codes is not None) == (bits == 7) and len(packed.halves) == (0 if bits == 7 else 1)
     values, x_scale, largest = quantized_input(x, scale, zero_point, QDType(qdtype))
-    exact = exact_integer_matmul(values, weight.float(), largest, 128) * x_scale.double() * w_scale.double() \
-        + bias.double()
+    scaled = exact_integer_matmul(values, weight.float(), largest, 128) * x_scale.double() * w_scale.double()
+    exact = scaled + bias.double()
     fused = QLINEAR_W8A8(x, weight, w_scale, bias, scale, zero_point, qdtype)
+    if bits == 8:  # the halves' exact sums, scaled in float64: the exact path's result, bit for bit
+        assert torch.equal(fused, scaled.float() + bias)
     error = float((fused.double() - exact).abs().max() / exact.abs().max())
-    # float32 epilogue only (measured on AVX2: 2.5e-8 .. 4.3e-8 for 7 bits, 2.5e-8 .. 7.7e-8 for 8 as
-    # two halves); a saturated pair sum would be off by far more
+    # float32 epilogue only (measured on AVX2: 2.5e-8 .. 4.3e-8 for 7 bits); a saturated pair sum
+    # would be off by far more
     assert error < 1e-6
+
+
+def test_w8a8_halves_over_k_blocks_give_the_exact_path():
+    """K longer than a block of the halves (whose FBGEMM sums must stay below 2^24): two blocks,
+    the worst-case codes, the exact path's result bit for bit."""
+    from qfx.runtime.qlinear import HALVES_BLOCK
+
+    gen = torch.Generator().manual_seed(2)
+    k = HALVES_BLOCK + 300
+    x = torch.full((2, k), 1e3)  # every code at the top: each half's sum at its largest
+    x[1] = torch.randn(k, generator=gen)
+    weight = torch.randint(-128, 128, (6, k), generator=gen, dtype=torch.int8)
+    weight[0] = -128
+    w_scale, scale = torch.rand(6, generator=gen) * 0.01 + 1e-3, torch.tensor(0.02)
+    assert len(fbgemm_weight(weight, w_scale).halves) == 2
+    values, x_scale, largest = quantized_input(x, scale, None, QDType.int8)
+    exact = exact_integer_matmul(values, weight.float(), largest, 128) * x_scale.double() * w_scale.double()
+    assert torch.equal(QLINEAR_W8A8(x, weight, w_scale, None, scale, None, "int8"), exact.float())
 
 
 def test_layers_without_a_fused_op_keep_their_ops_and_are_named():
