@@ -121,6 +121,7 @@ def test_budget_a_model_cannot_have_is_refused(tmp_path, budget, message):
         qfx.compile(spec=_spec(tmp_path, budget))
 
 
+@pytest.mark.slow
 @needs_minilm
 def test_encoder_budget_on_minilm_mean_cosine(tmp_path):
     """MiniLM W8A8 judged by the mean cosine of its mean-pooled embeddings on held-out lines."""
@@ -143,6 +144,7 @@ def test_encoder_budget_on_minilm_mean_cosine(tmp_path):
         qfx.compile(spec=spec)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_qfx_eval_budget_gates_an_existing_artifact(tmp_path):
     spec = {"version": 1, "model": {"path": str(TINYSTORIES)}, "target": "cpu",
