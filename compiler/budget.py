@@ -34,8 +34,11 @@ ENCODER_BATCH = 8
 
 
 def show(name: str, value: float) -> str:
-    if name in ("perplexity_increase", "top1_agreement"):
-        return f"{100 * value:+.3g}%" if name == "perplexity_increase" else f"{100 * value:.4g}%"
+    """A figure as the budget is written: shares in percent."""
+    if name == "perplexity_increase":
+        return f"{100 * value:+.3g}%"
+    if name == "top1_agreement":
+        return f"{100 * value:.4g}%"
     return f"{value:.4g}"
 
 
