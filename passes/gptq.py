@@ -53,6 +53,10 @@ ERROR_ROWS = 128
 HESSIAN_ROWS = 4096
 # Column blocks of X^T X: only the blocks on and above the diagonal are multiplied.
 GRAM_BLOCK = 256
+# Columns per rank-1 sub-block inside a GPTQ block: the error of each sub-block reaches the rest
+# of its block in one matrix product, where rank-1 updates over the whole block would stream it
+# through memory once per column (measured: 20-25% less column-loop time at K = 1024 and 2816).
+SUB_BLOCK = 32
 
 
 def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
@@ -181,18 +185,21 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
         block = wt[start:end]
         errors = torch.empty_like(block)
         f = factor[start:end, start:end]
-        for i in range(end - start):
-            column, q, error = block[i], out[start + i], errors[i]
-            group = grid.group_of[visit[start + i]]
-            s = grid.scales[group]
-            torch.div(column, s, out=q).round_()
-            if grid.zeros is None:
-                q.clamp_(qmin, qmax).mul_(s)
-            else:
-                z = grid.zeros[group]
-                q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
-            torch.sub(column, q, out=error).div_(f[i, i])
-            block[i + 1:].addr_(f[i, i + 1:], error, alpha=-1)
+        for sub_start in range(0, end - start, SUB_BLOCK):
+            sub_end = min(sub_start + SUB_BLOCK, end - start)
+            for i in range(sub_start, sub_end):
+                column, q, error = block[i], out[start + i], errors[i]
+                group = grid.group_of[visit[start + i]]
+                s = grid.scales[group]
+                torch.div(column, s, out=q).round_()
+                if grid.zeros is None:
+                    q.clamp_(qmin, qmax).mul_(s)
+                else:
+                    z = grid.zeros[group]
+                    q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+                torch.sub(column, q, out=error).div_(f[i, i])
+                block[i + 1:sub_end].addr_(f[i, i + 1:sub_end], error, alpha=-1)
+            block[sub_end:].addmm_(f[sub_start:sub_end, sub_end:].T, errors[sub_start:sub_end], alpha=-1)
         wt[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
     return (out if order is None else out[torch.argsort(order)]).T
 
