@@ -15,6 +15,10 @@ ORT122_STAMP := $(ORT122_VENV)/.installed
 # and many more packages that qfx itself does not need.
 LMEVAL_VENV ?= .venv-lmeval
 LMEVAL_STAMP := $(LMEVAL_VENV)/.installed
+# GPTQModel with optimum (how transformers loads GPTQ checkpoints), for the gptq layout's
+# conformance tests, in its own environment: it pulls many packages.
+GPTQ_VENV ?= .venv-gptq
+GPTQ_STAMP := $(GPTQ_VENV)/.installed
 
 .PHONY: setup demo test test-fast conformance-setup bench gpu-check clean
 
@@ -46,7 +50,13 @@ $(LMEVAL_STAMP): pyproject.toml constraints.txt
 	$(LMEVAL_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[eval,onnx]'
 	touch $@
 
-conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP)
+$(GPTQ_STAMP): constraints.txt
+	$(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GPTQ_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors optimum 'gptqmodel==7.6.*'
+	touch $@
+
+conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP) $(GPTQ_STAMP)
 
 # Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
 demo: setup
@@ -57,7 +67,8 @@ demo: setup
 
 test: setup conformance-setup
 	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python QFX_ORT122_PYTHON=$(abspath $(ORT122_VENV))/bin/python \
-		QFX_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python $(PY) -m pytest -q
+		QFX_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python QFX_GPTQ_PYTHON=$(abspath $(GPTQ_VENV))/bin/python \
+		$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not conformance"

@@ -70,7 +70,7 @@ def layer_case(n: int, k: int, m: int, device: torch.device, peak_gbs: float | N
     qfx kernels autotune unless `tile` fixes their tile shape (the interpreter cannot autotune)."""
     from qfx.runtime import triton_kernels as tk
     from qfx.runtime.formats import QDType
-    from qfx.runtime.layout import pack_int4_words
+    from qfx.runtime.layouts.quark import pack_int4_words
 
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)

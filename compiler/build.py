@@ -37,6 +37,7 @@ from qfx.runtime.artifact_files import PROGRAM_FILE
 from qfx.runtime.evaluate import compare_outputs, first_tensor
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file, sha256_tensors
+from qfx.runtime.layouts import DEFAULT_LAYOUT, Layout, layout_named
 from qfx.runtime.memory import release_memory
 from qfx.runtime.ort import require_onnx
 from qfx.runtime.qlinear import triton_kernels
@@ -189,7 +190,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             raise UserError(f"{_model_name(bundle)} has no linear layer (aten.linear with a 2-D weight) that "
                             "qfx can quantize, so the build would quantize nothing",
                             hint=_no_linear_hint(gm))
-        plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source)
+        layout = layout_named(cfg.output.layout.value if cfg.output is not None else DEFAULT_LAYOUT)
+        plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source, layout)
         if not plan:
             raise UserError(f"the spec quantizes none of the {len(linears)} linear layers of {_model_name(bundle)}",
                             hint="every layer is excluded or has all its tensors set to null; check "
@@ -212,7 +214,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
             gm = run_pipeline(gm, items, ctx, spec_json=cfg.model_dump_json(indent=2, exclude={"output"}))
         release_memory()
         if out is not None:  # written while the accuracy check computes
-            model_file = in_background(write_model_file, out.tmp, gm, plan, bundle.root_prefix)
+            check_layout_transforms(layout, input_transforms(gm, bundle.root_prefix))
+            model_file = in_background(write_model_file, out.tmp, gm, plan, bundle.root_prefix, layout)
         check = None
         if "qdq" in ctx.facts:
             with _timed(seconds, "check"), torch.no_grad():
@@ -249,7 +252,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                 verify = onnx is not None and cfg.output.onnx.verify
                 program = _program(gm, plan, bundle, example) \
                     if cfg.output is not None and OutputFormat.program in cfg.output.formats else None
-                manifest = _emit(out, gm, plan, bundle, linears, header, model_file, onnx, verify,
+                manifest = _emit(out, gm, plan, layout, bundle, linears, header, model_file, onnx, verify,
                                  ctx.float_weights, folds, ctx.stats.get(Rotation.name),
                                  _weight_algorithm_records(ctx.stats), program)
         if verdict is not None and not verdict["passed"]:
@@ -427,7 +430,18 @@ def _warn_of_input_transforms(layers: dict) -> None:
             "transformers through amd-quark) do not"), stacklevel=2)
 
 
-def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
+def check_layout_transforms(layout: Layout, transforms: dict[str, list[str]]) -> None:
+    """Refuse, before anything is written, input transforms the layout's consumers cannot run."""
+    if transforms and not layout.holds_input_transforms:
+        path, kinds = next(iter(transforms.items()))
+        raise UserError(f"{len(transforms)} layers ({path}, ...) transform their input before quantizing it "
+                        f"({', '.join(kinds)}), which the {layout.name} layout cannot express: its loaders would "
+                        "compute another model",
+                        hint="drop the online rotation / explicit_multiply smoothquant for this layout, or write "
+                             "output.layout: quark")
+
+
+def _emit(out: AtomicDir, gm, plan, layout: Layout, bundle: ModelBundle, linears: list[LinearInfo], header: dict,
           model_file: Future, onnx: dict | None, verify: bool, float_weights: dict, folds: dict | None,
           rotation: dict | None, weight_algorithms: dict | None, program: dict | None) -> dict:
     def fp_weight(path: str):  # the weight convert quantized, folds included
@@ -435,7 +449,7 @@ def _emit(out: AtomicDir, gm, plan, bundle: ModelBundle, linears: list[LinearInf
 
     try:
         manifest = emit_artifact(
-            out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix,
+            out.tmp, gm=gm, plan=plan, root_prefix=bundle.root_prefix, layout=layout,
             linear_paths=[layer.path for layer in linears],
             hf_config=bundle.hf_model.config.to_dict() if bundle.hf_model is not None else None,
             model_dir=bundle.model_dir, fp_weight=fp_weight, header=header, model_file=model_file.result(),

@@ -9,6 +9,7 @@ import pydantic
 
 from qfx.errors import SpecError
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, QDType, TensorFormat
+from qfx.runtime.layouts import Layout
 from qfx.spec import ROLES, DType, Target, TensorScheme, overlay, role_problem
 from qfx.spec_loader import SpecSource
 
@@ -48,8 +49,10 @@ def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
                         group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range)
 
 
-def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource
-                 ) -> dict[str, LayerQuant]:
+def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource, layout: Layout,
+                 layout_loc: tuple = ("output", "layout")) -> dict[str, LayerQuant]:
+    """Each planned layer's format, with weight scales in the dtype `layout` stores; a format or
+    shape the layout cannot hold is a SpecError at the line that chose it."""
     paths = [layer.path for layer in layers]
     q_loc = ("quantization",)
     for i, pattern in enumerate(quantization.exclude):
@@ -99,13 +102,20 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                 raise SpecError(f"group_size {scheme.group_size} does not divide in_features "
                                 f"{layer.in_features} of {layer.path}", where=where,
                                 hint="pick a group size that divides it, or exclude the layer")
-            if scheme.dtype in (DType.int4, DType.uint4) and layer.out_features % 8:
-                raise SpecError(f"{scheme.dtype.value} weights are packed eight to an int32 along the output "
-                                f"axis (Quark's layout), but {layer.path} has out_features "
-                                f"{layer.out_features}, not a multiple of 8", where=where,
-                                hint="exclude the layer or quantize it to int8")
             formats[role] = to_format(scheme, target)
+        if formats["weight"] is not None:
+            formats["weight"] = dataclasses.replace(formats["weight"], scale_dtype=layout.weight_scale_dtype)
         fmt = LayerFormat(**formats)
-        if fmt.tensors:
-            plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied), algorithm)
+        if not fmt.tensors:
+            continue
+        where = source.where(origin["weight" if fmt.weight is not None else next(iter(fmt.tensors))])
+        if problem := layout.format_problem(fmt) or layout.shape_problem(fmt, layer.in_features, layer.out_features):
+            raise SpecError(f"{layer.path} cannot be stored in the {layout.name} layout: {problem}", where=where,
+                            hint=f"exclude the layer, change its format, or choose another output.layout "
+                                 f"(set at {source.where(layout_loc)})")
+        plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied), algorithm)
+    if problem := layout.plan_problem(plan, [layer.path for layer in layers]):
+        path, why = problem
+        raise SpecError(f"{path} does not fit the {layout.name} layout: {why}", where=source.where(layout_loc),
+                        hint="give the layers one format, or choose output.layout: quark, which holds any mix")
     return plan

@@ -293,6 +293,14 @@ class OutputFormat(str, enum.Enum):
     program = "program"  # model.pt2: the lowered torch.export program (fused ops; qfx.runtime.load_program)
 
 
+class CheckpointLayout(str, enum.Enum):
+    """How model.safetensors and config.json store the quantized layers (qfx.runtime.layouts)."""
+
+    quark = "quark"  # AMD Quark: transformers through amd-quark, vLLM quantization='quark'
+    gptq = "gptq"  # GPTQ v1 (AutoGPTQ, GPTQModel): transformers through optimum + gptqmodel, vLLM
+    gptq_v2 = "gptq_v2"  # GPTQ with true zero points: asymmetric weights
+
+
 class OnnxOptions(_Model):
     opset: Literal[21] = Field(default=21, description="ONNX opset; 21 is the first with blocked (int4) and FP8 QDQ")
     verify: bool = Field(default=True, description="check the ONNX model against the safetensors artifact after the build")
@@ -304,6 +312,9 @@ class Output(_Model):
     formats: list[OutputFormat] = Field(default_factory=lambda: [OutputFormat.safetensors], min_length=1,
                                         description="artifacts to write; safetensors is always among them")
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    layout: CheckpointLayout = Field(default=CheckpointLayout.quark,
+                                     description="the layout of model.safetensors and its config.json: quark, gptq "
+                                                 "(weight-only int4/int8, symmetric) or gptq_v2 (also asymmetric)")
 
     @field_validator("formats")
     @classmethod

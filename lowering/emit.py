@@ -1,4 +1,4 @@
-"""Write the artifact: model.safetensors (Quark layout), config.json, tokenizer files,
+"""Write the artifact: model.safetensors (in the spec's layout), config.json, tokenizer files,
 manifest.json and report.md, into a directory that is published only when all are written."""
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Callable
 
 import torch
 
+from qfx.lowering.checkpoint import artifact_tensors
 from qfx.lowering.manifest import layer_record, write_manifest
-from qfx.lowering.quark import artifact_tensors, quantization_config
 from qfx.lowering.safetensors_writer import write_safetensors
 from qfx.runtime.artifact_files import MODEL_FILE
 from qfx.runtime.formats import LayerQuant
 from qfx.runtime.hashing import sha256_file
+from qfx.runtime.layouts import Layout
 from qfx.runtime.quant_linear import ONLINE_CONFIG_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -47,15 +48,15 @@ def layers_off_output_path(gm: torch.fx.GraphModule, plan: dict[str, LayerQuant]
     return sorted(path for path in plan if root_prefix + path not in owners)
 
 
-def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str
-                     ) -> tuple[str, dict[str, str]]:
-    """model.safetensors in the Quark layout; returns its sha256 and the tied-weight aliases."""
-    tensors, aliases = artifact_tensors(gm, plan, root_prefix)
+def write_model_file(folder: Path, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
+                     layout: Layout) -> tuple[str, dict[str, str]]:
+    """model.safetensors in `layout`; returns its sha256 and the tied-weight aliases."""
+    tensors, aliases = artifact_tensors(gm, plan, root_prefix, layout)
     return write_safetensors(folder / MODEL_FILE, tensors, metadata={"format": "pt"}), aliases
 
 
 def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQuant], root_prefix: str,
-                  linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
+                  layout: Layout, linear_paths: list[str], hf_config: dict | None, model_dir: Path | None,
                   fp_weight: Callable[[str], torch.Tensor | None], header: dict,
                   model_file: tuple[str, dict[str, str]] | None = None, onnx: dict | None = None,
                   folds: dict | None = None, rotation: dict | None = None,
@@ -70,7 +71,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
     `program` the lowered graph to write as model.pt2 (keys graph, example, dynamic_shapes) and
     the manifest's record of it (record)."""
     transforms = transforms or {}
-    model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix)
+    model_sha256, aliases = model_file or write_model_file(folder, gm, plan, root_prefix, layout)
     files = [MODEL_FILE]
     if onnx is not None:
         from qfx.lowering.onnx_emit import write_onnx  # onnx and onnxscript load only when asked for
@@ -89,7 +90,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
 
         files += write_rotation_plot(folder, rotation["channel_max"])
     if hf_config is not None:
-        config = dict(hf_config, quantization_config=quantization_config(plan, linear_paths))
+        config = dict(hf_config, quantization_config=layout.config(plan, linear_paths))
         if config.get("tie_word_embeddings") and not aliases:  # a fold untied the head from the embedding
             config["tie_word_embeddings"] = False
         if transforms:  # for a reader to tell that these layers need them (vLLM's Quark loader does not)
@@ -103,6 +104,7 @@ def emit_artifact(folder: Path, *, gm: torch.nn.Module, plan: dict[str, LayerQua
                 shutil.copyfile(model_dir / name, folder / name)
                 files.append(name)
     manifest = dict(header)
+    manifest["layout"] = layout.name
     manifest["layers"] = {path: layer_record(quant, layer_buffers(gm, root_prefix, path), fp_weight(path))
                           for path, quant in plan.items()}
     for path, layer_transforms in transforms.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from qfx.runtime import ops
-from qfx.runtime.layout import int8_as_uint8, uint8_zero_point, weight_codes_as_uint8, weight_to_onnx
+from qfx.runtime.onnx_codes import int8_as_uint8, uint8_zero_point, weight_codes_as_uint8, weight_to_onnx
 
 QDQ_OPS = (ops.QUANTIZE, ops.DEQUANTIZE)
 LINEAR = torch.ops.aten.linear.default

@@ -25,7 +25,7 @@ from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import copy_meta, module_path
 from qfx.runtime import ops
 from qfx.runtime.errors import QfxWarning
-from qfx.runtime.layout import pack_int4_words
+from qfx.runtime.layouts.quark import pack_int4_words
 from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8
 
 # the activation codes each fused op takes: static per tensor / dynamic per token

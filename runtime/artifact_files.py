@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.formats import LayerFormat
+from qfx.runtime.formats import LayerFormat, format_problem
 from qfx.runtime.hashing import MANIFEST_HASH_KEY, manifest_sha256, sha256_file
-from qfx.runtime.layout import format_problem
+from qfx.runtime.layouts import DEFAULT_LAYOUT, layouts
 
 MODEL_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
@@ -118,6 +118,9 @@ def _check_manifest_fields(manifest: dict, path: Path) -> None:
         _require(isinstance(source.get(key, ""), str), path, f"model.{key} is not a string")
     layers = manifest["layers"]
     _require(isinstance(layers, dict), path, "'layers' is not an object")
+    layout_name = manifest.get("layout", DEFAULT_LAYOUT)
+    _require(layout_name in layouts(), path, f"names the layout {layout_name!r}, not one of {', '.join(layouts())}")
+    layout = layouts()[layout_name]
     for name, record in layers.items():
         _require(bool(name) and isinstance(record, dict) and isinstance(record.get("format"), dict), path,
                  f"layer {name!r} has no format object")
@@ -127,7 +130,7 @@ def _check_manifest_fields(manifest: dict, path: Path) -> None:
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"the format of layer {name} does not parse: {type(exc).__name__}: {exc}",
                                 where=str(path), hint=REBUILD) from None
-        problem = format_problem(fmt)
+        problem = format_problem(fmt) or layout.format_problem(fmt)
         _require(problem is None, path, f"gives layer {name} a format qfx cannot run: {problem}")
     files = manifest["artifact"]
     _require(isinstance(files, dict), path, "'artifact' is not an object")

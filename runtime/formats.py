@@ -59,6 +59,25 @@ class Granularity(str, enum.Enum):
     per_token = "per_token"  # activations: dynamic, one scale per row, no observer
 
 
+class ScaleDType(str, enum.Enum):
+    """The dtype a layout stores a tensor's scales in. Scales are computed in float32 and rounded
+    to it before any code is chosen, so the codes are the ones the stored scales produce."""
+
+    float32 = "float32"
+    float16 = "float16"  # GPTQ's scales
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float16": torch.float16}[self.value]
+
+    def representable(self, scale: torch.Tensor) -> torch.Tensor:
+        """float32 `scale` rounded to the nearest value this dtype holds; positive scales stay
+        positive (float16's smallest subnormal, 2**-24, is the floor)."""
+        if self is ScaleDType.float32:
+            return scale
+        return scale.clamp(min=2.0**-24, max=65504.0).to(self.torch_dtype).float()
+
+
 class ObserverKind(str, enum.Enum):
     minmax = "minmax"
     moving_average = "moving_average"
@@ -75,6 +94,7 @@ class TensorFormat:
     group_size: int = 0
     observer: ObserverKind | None = ObserverKind.minmax  # None: dynamic, nothing to observe
     reduce_range: bool = False  # int8 weights in 7 bits, -64..63 (see the spec field)
+    scale_dtype: ScaleDType = ScaleDType.float32  # set by the output layout (runtime.layouts)
 
     @property
     def qmin(self) -> float:
@@ -97,13 +117,16 @@ class TensorFormat:
             text += f" {self.observer.value}"
         if self.reduce_range:
             text += " 7-bit"
+        if self.scale_dtype is not ScaleDType.float32:
+            text += f" {self.scale_dtype.value} scales"
         return text
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype.value, "granularity": self.granularity.value,
                 "symmetric": self.symmetric, "group_size": self.group_size,
                 "observer": None if self.observer is None else self.observer.value,
-                **({"reduce_range": True} if self.reduce_range else {})}
+                **({"reduce_range": True} if self.reduce_range else {}),
+                **({"scale_dtype": self.scale_dtype.value} if self.scale_dtype is not ScaleDType.float32 else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorFormat":
@@ -111,7 +134,8 @@ class TensorFormat:
         return cls(dtype=QDType(data["dtype"]), granularity=Granularity(data["granularity"]),
                    symmetric=bool(data["symmetric"]), group_size=int(data.get("group_size", 0)),
                    observer=None if observer is None else ObserverKind(observer),
-                   reduce_range=bool(data.get("reduce_range", False)))
+                   reduce_range=bool(data.get("reduce_range", False)),
+                   scale_dtype=ScaleDType(data.get("scale_dtype", "float32")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,3 +173,24 @@ class LayerQuant:
     fmt: LayerFormat
     rules: tuple[str, ...]
     algorithm: str | None = None
+
+
+def format_problem(fmt: LayerFormat) -> str | None:
+    """Why the loader cannot run `fmt` (a manifest's layer format), or None. The spec refuses these
+    at build time; a manifest is read back from disk, so they are checked again."""
+    if not fmt.tensors:
+        return "it quantizes nothing"
+    for role, tf in fmt.tensors.items():
+        per_group = tf.granularity is Granularity.per_group
+        if tf.group_size < 0 or per_group != (tf.group_size > 0):
+            return f"{role} has group_size {tf.group_size} with granularity {tf.granularity.value}"
+        if role == "weight":
+            if tf.dynamic:
+                return "weight is per_token, which is for activations"
+            if tf.dtype.bits == 4 and not per_group:
+                return f"weight is {tf.dtype.value} {tf.granularity.value}; 4-bit weights are stored per_group"
+        elif tf.dtype.bits == 4 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
+            return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
+        if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
+            return f"{role} has reduce_range, which applies to int8 weights only"
+    return None

@@ -29,7 +29,7 @@ from qfx.runtime.artifact_files import (
 )
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import LayerFormat
-from qfx.runtime.layout import check_artifact_layer, layer_from_artifact
+from qfx.runtime.layouts import DEFAULT_LAYOUT, check_artifact_layer, layout_named
 from qfx.runtime.quant_linear import INPUT_TRANSFORMS, QuantLinear
 
 # The float skeleton a config.json describes may take this many times model.safetensors' bytes
@@ -179,6 +179,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
     model = model if model is not None else _skeleton(folder, manifest, header, trust_factory)
     check_fits(model, header, manifest, path)
     tensors = read_tensors(path)
+    layout = layout_named(manifest.get("layout", DEFAULT_LAYOUT))
     for layer_path, record in manifest["layers"].items():
         fmt = LayerFormat.from_json(record["format"])
         linear = _linear(model, layer_path)
@@ -186,9 +187,9 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
         layer = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
                  if k.startswith(prefix) and "." not in k[len(prefix):]}
         transforms = _input_transforms(record, layer_path, folder)
-        check_artifact_layer(layer, fmt, linear.in_features, linear.out_features, linear.bias is not None,
+        check_artifact_layer(layout, layer, fmt, linear.in_features, linear.out_features, linear.bias is not None,
                              linear.weight.dtype, layer_path, transforms)
-        layer = layer_from_artifact(layer, fmt)
+        layer = layout.from_artifact(layer, fmt)
         quant = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt)
         quant.path = layer_path
         quant.input_transforms = transforms

@@ -84,8 +84,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
     hi = torch.clamp(hi.float(), min=0.0)
     if fmt.symmetric:
         amax = torch.maximum(-lo, hi)
-        return torch.clamp(amax / fmt.qmax, min=MIN_SCALE), None
-    scale = torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE)
+        return fmt.scale_dtype.representable(torch.clamp(amax / fmt.qmax, min=MIN_SCALE)), None
+    scale = fmt.scale_dtype.representable(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE))
     zero_point = torch.clamp(torch.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point.to(fmt.dtype.storage)
 

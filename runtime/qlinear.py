@@ -37,7 +37,7 @@ import torch
 from qfx.runtime import numerics
 from qfx.runtime.errors import UserError
 from qfx.runtime.formats import QDType
-from qfx.runtime.layout import unpack_int4_words
+from qfx.runtime.layouts.quark import unpack_int4_words
 
 # float32 holds every integer up to 2^24: a dot product of integers whose partial sums stay
 # below it is exact whatever order a GEMM adds them in.

@@ -29,13 +29,13 @@ from qfx.runtime.artifact_files import check_hashes as check_file_hashes
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.evaluate import compare_outputs, first_tensor, float64_matmuls, relative_error
 from qfx.runtime.formats import LayerFormat, QDType
-from qfx.runtime.layout import (
+from qfx.runtime.loader import load
+from qfx.runtime.onnx_codes import (
     int8_as_uint8,
     uint8_zero_point,
     weight_codes_as_uint8,
     weight_to_onnx,
 )
-from qfx.runtime.loader import load
 from qfx.runtime.program import load_program
 from qfx.runtime.quant_linear import PRE_QUANT_SCALE, forced_activations
 

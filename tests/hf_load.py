@@ -1,8 +1,11 @@
-"""Run by the amd-quark environment (not qfx's): load a qfx artifact the way a user of
-transformers + amd-quark would, and write its logits for the given token ids.
+"""Run by a consumer's environment (amd-quark's or GPTQModel's, not qfx's): load a qfx artifact
+the way a user of transformers would, and write its logits for the given token ids.
 
-usage: python quark_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors
-Prints JSON: what transformers reported while loading, and the module type of one layer."""
+usage: python hf_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors [GPTQ_BACKEND]
+GPTQ_BACKEND (GPTQ checkpoints): the gptqmodel kernel to load with; `torch` computes in the
+model's dtype, where the default CPU kernel rounds activations to bfloat16.
+Prints JSON: what transformers reported while loading, and the module type of one layer. Writes
+the logits and, for GPTQ's linears, the [out, in] weight each one computes with (`w:NAME`)."""
 import json
 import sys
 
@@ -11,12 +14,21 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 artifact, ids_path, out_path = sys.argv[1:4]
-model, info = AutoModelForCausalLM.from_pretrained(artifact, output_loading_info=True)
+options = {}
+if len(sys.argv) > 4:
+    from transformers import GPTQConfig
+
+    config = json.load(open(f"{artifact}/config.json"))["quantization_config"]
+    options = {"quantization_config": GPTQConfig(bits=config["bits"], backend=sys.argv[4]), "device_map": "cpu",
+               "dtype": torch.float32}
+model, info = AutoModelForCausalLM.from_pretrained(artifact, output_loading_info=True, **options)
 model.eval()
 ids = load_file(ids_path)["input_ids"]
 with torch.no_grad():
     logits = model(input_ids=ids, use_cache=False).logits
-save_file({"logits": logits.contiguous()}, out_path)
+weights = {f"w:{name}": module.dequantize_weight().T.contiguous() for name, module in model.named_modules()
+           if hasattr(module, "dequantize_weight")}
+save_file({"logits": logits.float().contiguous(), **weights}, out_path)
 layer = model.model.layers[0].self_attn.k_proj
 print(json.dumps({"loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
                   "k_proj_type": type(layer).__name__,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from qfx.runtime import numerics  # noqa: E402
 from qfx.runtime.formats import QDType  # noqa: E402
-from qfx.runtime.layout import pack_quark_int4  # noqa: E402
+from qfx.runtime.layouts.quark import pack_quark_int4  # noqa: E402
 from qfx.runtime.ops import HADAMARD  # noqa: E402
 from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8  # noqa: E402
 from qfx.runtime.triton_kernels import fp8_linear, quantize_rows, w4a16_linear, w8a8_linear  # noqa: E402

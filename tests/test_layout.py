@@ -25,7 +25,7 @@ def qfx_imports(path):
 @pytest.mark.parametrize("folder", sorted(LAYERS))
 def test_imports_point_one_way(folder):
     allowed = LAYERS[folder]
-    bad = [(p.name, m) for p in (ROOT / folder).glob("*.py") for m in qfx_imports(p)
+    bad = [(p.name, m) for p in (ROOT / folder).rglob("*.py") for m in qfx_imports(p)
            if not any(m == a or m.startswith(a + ".") for a in allowed)]
     assert not bad, f"{folder}/ may import only {sorted(allowed)}: {bad}"
 
@@ -37,7 +37,8 @@ def test_wheel_installs_only_the_qfx_package(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"qfx"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"qfx/build.py", "qfx/passes/convert.py", "qfx/lowering/emit.py", "qfx/runtime/loader.py"} <= set(names)
+    assert {"qfx/build.py", "qfx/passes/convert.py", "qfx/lowering/emit.py", "qfx/runtime/loader.py",
+            "qfx/runtime/layouts/gptq.py"} <= set(names)
 
 
 def test_imports_from_another_directory(tmp_path):

@@ -22,7 +22,7 @@ from qfx.runtime.artifact_files import PROGRAM_FILE
 from qfx.runtime.errors import ArtifactError, QfxWarning, UserError
 from qfx.runtime.evaluate import float64_matmuls, relative_error
 from qfx.runtime.formats import QDType
-from qfx.runtime.layout import pack_quark_int4
+from qfx.runtime.layouts.quark import pack_quark_int4
 from qfx.runtime.program import check_program_archive, load_program
 from qfx.runtime.qlinear import (
     QLINEAR_FP8,

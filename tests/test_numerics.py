@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from qfx.runtime import numerics
 from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
-from qfx.runtime.layout import pack_quark_int4, unpack_quark_int4
+from qfx.runtime.layouts.quark import pack_quark_int4, unpack_quark_int4
 
 FORMATS = [TensorFormat(QDType.int8, Granularity.per_channel),
            TensorFormat(QDType.int8, Granularity.per_tensor, symmetric=False),

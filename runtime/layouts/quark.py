@@ -1,18 +1,22 @@
-"""Graph tensors <-> artifact tensors (the Quark layout that transformers + amd-quark and vLLM load).
+"""The Quark layout: tensors and `quantization_config` as amd-quark's own exporter writes them,
+which transformers (with amd-quark) and vLLM (`quantization='quark'`) load.
 
 In the graph a layer's codes sit unpacked in their compute dtype (FNUZ on gfx942), symmetric
-formats carry no zero point, and group scales are [out, in/group]. The artifact follows Quark:
+formats carry no zero point, and group scales are [out, in/group]. The checkpoint follows Quark:
 FP8 as OCP e4m3fn (FNUZ codes convert exactly, scales halve), an int8 zero point beside every
-int scale, int4/uint4 packed eight to an int32 as Quark packs them. Both directions live
-here so they cannot drift apart.
+int scale, int4/uint4 packed eight to an int32 as Quark packs them.
 """
 from __future__ import annotations
+
+import collections
+import fnmatch
 
 import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
+from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, QDType, TensorFormat
+from qfx.runtime.layouts import Layout
 from qfx.runtime.quant_linear import PRE_QUANT_SCALE, SCALE_TRANSFORM
 
 ROLES = ("weight", "input", "output")
@@ -41,27 +45,6 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
             out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key])
     return out
-
-
-def format_problem(fmt: LayerFormat) -> str | None:
-    """Why the loader cannot run `fmt` (a manifest's layer format), or None. The spec refuses these
-    at build time; a manifest is read back from disk, so they are checked again."""
-    if not fmt.tensors:
-        return "it quantizes nothing"
-    for role, tf in fmt.tensors.items():
-        per_group = tf.granularity is Granularity.per_group
-        if tf.group_size < 0 or per_group != (tf.group_size > 0):
-            return f"{role} has group_size {tf.group_size} with granularity {tf.granularity.value}"
-        if role == "weight":
-            if tf.dynamic:
-                return "weight is per_token, which is for activations"
-            if tf.dtype.bits == 4 and not per_group:
-                return f"weight is {tf.dtype.value} {tf.granularity.value}; 4-bit weights are stored per_group"
-        elif tf.dtype.bits == 4 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
-            return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
-        if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
-            return f"{role} has reduce_range, which applies to int8 weights only"
-    return None
 
 
 # The dtype each code type has in the artifact: FP8 codes are stored as OCP E4M3FN whatever the
@@ -111,33 +94,6 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
     if SCALE_TRANSFORM in transforms:
         out[PRE_QUANT_SCALE] = (float_dtype, (in_features,))
     return out
-
-
-def check_artifact_layer(tensors: dict[str, torch.Tensor], fmt: LayerFormat, in_features: int,
-                         out_features: int, bias: bool, float_dtype: torch.dtype, where: str,
-                         transforms: tuple[str, ...] = ()) -> None:
-    """Raise ArtifactError naming the first of a layer's artifact tensors (keys 'weight',
-    'weight_scale', ...) that is missing, extra, of the wrong dtype or shape for `fmt` and the
-    layer's features, or a scale that is not finite and positive. Unpacking and running a layer
-    with such tensors fails deep inside torch, or silently computes garbage."""
-    expected = expected_artifact_layer(fmt, in_features, out_features, bias, float_dtype, transforms)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ArtifactError(f"layer {where} has {'no ' + ', '.join(missing) if missing else ''}"
-                            f"{' and ' if missing and extra else ''}"
-                            f"{'unexpected ' + ', '.join(extra) if extra else ''} for its format "
-                            f"({', '.join(f'{r} {tf.describe()}' for r, tf in fmt.tensors.items())})",
-                            hint="the checkpoint and manifest.json do not describe one build; rebuild the artifact")
-    for name, (dtype, shape) in expected.items():
-        t = tensors[name]
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ArtifactError(f"tensor {where}.{name} is {str(t.dtype).removeprefix('torch.')} "
-                                f"{list(t.shape)}, but its format and the layer's {in_features} -> {out_features} "
-                                f"features need {str(dtype).removeprefix('torch.')} {list(shape)}",
-                                hint="the checkpoint was edited or belongs to another model; rebuild the artifact")
-        if name.endswith("_scale") and not bool(torch.isfinite(t).all() and (t > 0).all()):
-            raise ArtifactError(f"tensor {where}.{name} holds a scale that is not finite and positive",
-                                hint="a quantization scale divides the values; rebuild the artifact")
 
 
 def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dict[str, torch.Tensor]:
@@ -195,37 +151,105 @@ def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
     return codes, scale.t().contiguous(), zp
 
 
+QUARK_VERSION = "0.13"
+KV_PATTERNS = ("*k_proj", "*v_proj")
 
-# int8 codes re-encoded as uint8 (the ONNX artifact for the cpu target): q + 128 with the zero
-# point moved by 128 holds the same real values, and a symmetric int8 zero point (0) becomes this.
-UINT8_ZERO = 128
-
-
-# uint8 x int8 products summed in pairs fit int16 (VPMADDUBSW) when |code| <= 64: such weights
-# stay int8 in ONNX, the fast exact path (see the spec's reduce_range).
-U8S8_EXACT_LIMIT = 64
+_OBSERVER_CLS = {Granularity.per_tensor: "PerTensorMinMaxObserver",
+                 Granularity.per_channel: "PerChannelMinMaxObserver",
+                 Granularity.per_group: "PerGroupMinMaxObserver",
+                 Granularity.per_token: "PerChannelMinMaxObserver"}
 
 
-def weight_codes_as_uint8(codes: torch.Tensor) -> bool:
-    """Whether int8 weight codes go to the cpu-target ONNX artifact re-encoded as uint8."""
-    return codes.dtype == torch.int8 and int(codes.to(torch.int16).abs().max()) > U8S8_EXACT_LIMIT
+def quark_tensor_config(fmt: TensorFormat | None, role: str) -> dict | None:
+    if fmt is None:
+        return None
+    dynamic = fmt.dynamic
+    if role == "weight":
+        ch_axis = {Granularity.per_channel: 0, Granularity.per_group: -1}.get(fmt.granularity)
+    else:
+        ch_axis = 1 if dynamic else None
+    observer = _OBSERVER_CLS[fmt.granularity]
+    if fmt.observer is ObserverKind.percentile:
+        observer = "PerTensorPercentileObserver"
+    return {
+        "dtype": "fp8_e4m3" if fmt.dtype.is_fp8 else fmt.dtype.value,
+        "qscheme": "per_channel" if dynamic else fmt.granularity.value,
+        "ch_axis": ch_axis,
+        "group_size": fmt.group_size or None,
+        "symmetric": fmt.symmetric,
+        "is_dynamic": dynamic,
+        "round_method": "half_even",
+        "scale_type": "float",
+        "zero_point_type": "int32",
+        "observer_cls": observer,
+        "block_size": None, "enable_buffer_reuse": False, "is_scale_quant": False,
+        "mx_element_dtype": None, "scale_calculation_mode": None, "scale_format": None,
+    }
 
 
-def int8_as_uint8(t: torch.Tensor) -> torch.Tensor:
-    return (t.to(torch.int16) + UINT8_ZERO).to(torch.uint8)
+def quark_layer_config(fmt: LayerFormat) -> dict:
+    return {"weight": quark_tensor_config(fmt.weight, "weight"),
+            "input_tensors": quark_tensor_config(fmt.input, "input"),
+            "output_tensors": quark_tensor_config(fmt.output, "output"),
+            "bias": None, "target_device": None}
 
 
-def uint8_zero_point(scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-    """The uint8 zero point beside re-encoded codes: the int8 one shifted, or 128 where symmetric."""
-    if zero_point is None:
-        return torch.full_like(scale, UINT8_ZERO, dtype=torch.uint8)
-    return int8_as_uint8(zero_point)
+def quantization_config(plan: dict[str, LayerQuant], linear_paths: list[str]) -> dict:
+    """Quark's config: the most common layer format is global; other layers are listed by name."""
+    counts = collections.Counter(q.fmt for q in plan.values())
+    common = counts.most_common(1)[0][0] if counts else LayerFormat()
+    kv_layers = sorted(p for p, q in plan.items() if q.fmt.output is not None)
+    # vLLM looks the KV cache up by the kv_cache_group keys in layer_quant_config, so when every
+    # k_proj (v_proj) shares one format the config says so under Quark's own pattern.
+    by_pattern = {pat: {plan[p].fmt for p in plan if fnmatch.fnmatchcase(p, pat)} for pat in KV_PATTERNS}
+    patterned = bool(kv_layers) and all(any(fnmatch.fnmatchcase(p, pat) for pat in KV_PATTERNS) for p in kv_layers) \
+        and all(len(fmts) == 1 for fmts in by_pattern.values())
+    if patterned:
+        kv_config = {pat: quark_layer_config(next(iter(by_pattern[pat]))) for pat in KV_PATTERNS}
+        covered = {p for p in plan if any(fnmatch.fnmatchcase(p, pat) for pat in KV_PATTERNS)}
+    else:
+        kv_config = {p: quark_layer_config(plan[p].fmt) for p in kv_layers}
+        covered = set()
+    layer_config = {p: quark_layer_config(q.fmt) for p, q in plan.items() if q.fmt != common and p not in covered}
+    layer_config.update(kv_config)
+    kv_group = list(kv_config)
+    return {
+        "quant_method": "quark",
+        "quant_mode": "eager_mode",
+        "version": QUARK_VERSION,
+        "global_quant_config": quark_layer_config(common),
+        "layer_quant_config": layer_config,
+        "layer_type_quant_config": {},
+        "kv_cache_quant_config": kv_config,
+        "kv_cache_post_rope": False,
+        "softmax_quant_spec": None,
+        "algo_config": None,
+        "exclude": [p for p in linear_paths if p not in plan],
+        "export": {"kv_cache_group": kv_group, "min_kv_scale": 0.0, "pack_method": "reorder",
+                   "weight_format": "real_quantized", "weight_merge_groups": None},
+    }
 
 
-def weight_to_onnx(tensors: dict[str, torch.Tensor | None], group_size: int) -> tuple[dict[str, torch.Tensor | None], int]:
-    """A graph weight's codes, scale and zero point ([out, in]) as the ONNX artifact stores them:
-    transposed to [in, out], so DequantizeLinear feeds MatMul directly. Returns the tensors and
-    DequantizeLinear's new axis: 1 for per-channel scales, 0 for blocks along K (and per tensor)."""
-    out = {k: None if t is None else (t.t().contiguous() if t.ndim == 2 else t) for k, t in tensors.items()}
-    scale = tensors["scale"]
-    return out, (1 if scale.ndim == 1 and not group_size else 0)
+class QuarkLayout(Layout):
+    name = "quark"
+
+    def format_problem(self, fmt: LayerFormat) -> str | None:
+        return None  # every format qfx has
+
+    def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
+        if fmt.weight is not None and fmt.weight.dtype.bits == 4 and out_features % 8:
+            return (f"{fmt.weight.dtype.value} weights are packed eight to an int32 along the output axis, "
+                    f"and out_features is {out_features}, not a multiple of 8")
+        return None
+
+    def to_artifact(self, tensors, fmt):
+        return layer_to_artifact(tensors, fmt)
+
+    def from_artifact(self, tensors, fmt):
+        return layer_from_artifact(tensors, fmt)
+
+    def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
+        return expected_artifact_layer(fmt, in_features, out_features, bias, float_dtype, transforms)
+
+    def config(self, plan, linear_paths):
+        return quantization_config(plan, linear_paths)
