@@ -288,7 +288,7 @@ class Evaluate(_Model):
 
 
 class OutputFormat(str, enum.Enum):
-    safetensors = "safetensors"  # Quark layout + config.json: transformers (amd-quark) and vLLM
+    safetensors = "safetensors"  # in output.layout, + config.json: transformers and vLLM
     onnx = "onnx"  # QDQ at opset 21: ONNX Runtime (MIGraphX, ROCm and CPU execution providers)
     program = "program"  # model.pt2: the lowered torch.export program (fused ops; qfx.runtime.load_program)
 

@@ -12,6 +12,7 @@ from qfx.lowering.plots import CHANNELS_PNG, LAYERS_PNG, ROTATION_PNG
 from qfx.runtime import numerics
 from qfx.runtime.formats import LayerFormat, LayerQuant
 from qfx.runtime.hashing import MANIFEST_HASH_KEY, canonical_json, manifest_sha256
+from qfx.runtime.layouts import DEFAULT_LAYOUT
 
 
 def _range(t: torch.Tensor) -> list[float]:
@@ -125,6 +126,7 @@ def render_report(manifest: dict) -> str:
     lines = [f"# qfx build report: {manifest['model']['name']}", ""]
     lines += [f"- target: `{manifest['target']}`",
               f"- pipeline: `{manifest['pipeline']}`",
+              f"- checkpoint layout: `{manifest.get('layout', DEFAULT_LAYOUT)}`",
               f"- calibration: {manifest['calibration']['description']}",
               f"- quantized layers: {len(manifest['layers'])}; kept in float: "
               f"{', '.join(manifest['excluded']) or 'none'}", ""]

@@ -78,9 +78,12 @@ def test_asymmetric_weights_need_v2_and_keep_their_zero_points(tmp_path):
     with pytest.raises(SpecError, match="asymmetric weights need the gptq_v2 checkpoint format") as info:
         qfx.compile(spec=gptq_spec(tmp_path, **quantization))
     assert "quantization.default.weight" in str(info.value)
-    result = qfx.compile(spec=gptq_spec(tmp_path, layout="gptq_v2", **quantization))
+    spec = gptq_spec(tmp_path, layout="gptq_v2", **quantization)
+    spec["output"]["formats"] = ["safetensors", "onnx"]  # the build verifies ONNX against the GPTQ checkpoint
+    result = qfx.compile(spec=spec)
     config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
     assert (config["checkpoint_format"], config["sym"]) == ("gptq_v2", False)
+    assert "verify" in json.loads((result.artifact_dir / "manifest.json").read_text())
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(qfx.runtime.load(result.artifact_dir)(ids).logits, result.graph(ids))
