@@ -45,21 +45,24 @@ OPSET = 21  # blocked DequantizeLinear (int4 groups) and FP8 QDQ need 21
 # over 2 GiB, and the graph itself needs some room.
 EXTERNAL_DATA_ABOVE = (2 << 30) - (64 << 20)
 
-ONNX_TYPES = {QDType.int8: ir.DataType.INT8, QDType.uint8: ir.DataType.UINT8, QDType.int4: ir.DataType.INT4,
-              QDType.uint4: ir.DataType.UINT4, QDType.fp8_e4m3fn: ir.DataType.FLOAT8E4M3FN,
-              QDType.fp8_e4m3fnuz: ir.DataType.FLOAT8E4M3FNUZ}
-NUMPY_TYPES = {QDType.int8: np.int8, QDType.uint8: np.uint8, QDType.fp8_e4m3fn: ml_dtypes.float8_e4m3fn,
-               QDType.fp8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz}
+
+
+def onnx_type(q: QDType) -> ir.DataType:
+    return getattr(ir.DataType, q.spec.onnx_type)
+
+
+def numpy_type(q: QDType):
+    return getattr(np, q.spec.numpy_type, None) or getattr(ml_dtypes, q.spec.numpy_type)
 PACKED_INT4 = {int(ir.DataType.INT4): ml_dtypes.int4, int(ir.DataType.UINT4): ml_dtypes.uint4}
 
 
 def _zero(q: QDType):
-    return op.Constant(value=ir.tensor(np.zeros((), dtype=NUMPY_TYPES[q])))
+    return op.Constant(value=ir.tensor(np.zeros((), dtype=numpy_type(q))))
 
 
 def _quantize(x, scale, zero_point, qdtype: str, axis: int, group_size: int):
     q = QDType(qdtype)
-    if q is QDType.fp8_e4m3fnuz:
+    if q.spec.native_max is not None:
         # qfx caps FNUZ at 224 (every code has an FN twin); QuantizeLinear would saturate at 240.
         # Where, not Clip or Min/Max: ONNX Runtime's Clip->QuantizeLinear fusion rejects FNUZ,
         # and the exporter's optimizer turns Min/Max into Clip.
@@ -77,9 +80,9 @@ def _dequantize(codes, scale, zero_point, qdtype: str, axis: int, group_size: in
         y = op.Mul(op.Cast(codes, to=ir.DataType.FLOAT), scale)
     else:
         if q.bits == 4:  # int4 codes sit in int8 in the graph; _pack_int4 folds this cast into the initializer
-            codes = op.Cast(codes, to=ONNX_TYPES[q])
+            codes = op.Cast(codes, to=onnx_type(q))
             if zero_point is not None:
-                zero_point = op.Cast(zero_point, to=ONNX_TYPES[q])
+                zero_point = op.Cast(zero_point, to=onnx_type(q))
         args = (codes, scale) if zero_point is None else (codes, scale, zero_point)
         y = op.DequantizeLinear(*args, axis=axis, block_size=group_size)
     return y if out_dtype == ir.DataType.FLOAT else op.Cast(y, to=out_dtype)
@@ -91,9 +94,9 @@ def _quantize_per_token(x, qdtype: str):
     scale = op.Max(op.Div(amax, op.Constant(value_float=q.qmax)), op.Constant(value_float=numerics.MIN_SCALE))
     y = op.Div(x, scale)
     lo, hi = op.Constant(value_float=q.qmin), op.Constant(value_float=q.qmax)
-    if not q.is_fp8:
+    if not q.is_float:
         y = op.Round(y)
-    return op.Cast(op.Clip(y, lo, hi), to=ONNX_TYPES[q]), scale
+    return op.Cast(op.Clip(y, lo, hi), to=onnx_type(q)), scale
 
 
 def _silu(x):

@@ -25,12 +25,27 @@ from qfx.passes.dataflow import get_tensor
 from qfx.passes.meta import copy_meta, module_path
 from qfx.runtime import ops
 from qfx.runtime.errors import QfxWarning
+from qfx.runtime.formats import QDType
 from qfx.runtime.layouts.quark import pack_int4_words
 from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8
 
-# the activation codes each fused op takes: static per tensor / dynamic per token
-W8A8_INPUTS = {"static": ("int8", "uint8"), "per token": ("int8",)}
-FP8_INPUTS = {"static": ("fp8_e4m3fn", "fp8_e4m3fnuz"), "per token": ("fp8_e4m3fn", "fp8_e4m3fnuz")}
+
+def _int8(q: QDType) -> bool:
+    return not q.is_float and q.bits == 8
+
+
+def _fp8(q: QDType) -> bool:
+    return q.is_float and q.bits == 8
+
+
+def _names(takes) -> tuple[str, ...]:
+    return tuple(q.value for q in QDType if takes(q))
+
+
+# the activation codes each fused op takes: static per tensor / dynamic per token (signed only:
+# the per-token quantizer is symmetric)
+W8A8_INPUTS = {"static": _names(_int8), "per token": _names(lambda q: _int8(q) and q.is_signed)}
+FP8_INPUTS = {"static": _names(_fp8), "per token": _names(_fp8)}
 
 
 def _is(node, target) -> bool:
@@ -126,16 +141,17 @@ def fused_call(gm, linear: torch.fx.Node) -> tuple | str:
     if not _is(w_dq, ops.DEQUANTIZE):
         return "its weight is float"
     w_qdtype = w_dq.args[3]
-    if w_qdtype == "int8":
+    q = QDType(w_qdtype)
+    if _int8(q) and q.is_signed:
         found = scaled_arguments(linear, W8A8_INPUTS, "w8a8")
         return found if isinstance(found, str) else (QLINEAR_W8A8, found)
-    if w_qdtype in FP8_INPUTS["static"]:
+    if _fp8(q):
         found = scaled_arguments(linear, FP8_INPUTS, "fp8")
         if isinstance(found, str):
             return found
         x, codes, w_scale, bias, scale, _, qdtype = found  # FP8 has no zero point
         return QLINEAR_FP8, (x, codes, w_scale, bias, scale, qdtype)
-    if w_qdtype in ("int4", "uint4"):
+    if q.bits == 4 and not q.is_float:
         found = w4a16_arguments(gm, linear)
         return found if isinstance(found, str) else (QLINEAR_W4A16, found)
     return f"its weight is {w_qdtype}: no fused op for it yet"

@@ -12,6 +12,25 @@ import enum
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class CodeSpec:
+    """Everything qfx knows about one element format. Other modules ask these properties (through
+    QDType) rather than comparing format names, so a new format is one entry in CODE_SPECS."""
+
+    bits: int
+    is_float: bool
+    qmin: float
+    qmax: float
+    storage: torch.dtype  # what holds one code in a graph (4-bit codes sit unpacked in 8 bits)
+    onnx_type: str  # the onnx_ir DataType member
+    numpy_type: str | None  # numpy / ml_dtypes type of an initializer; None: 4-bit, packed by the emitter
+    # The dtype a checkpoint holds the codes in when the layout stores them unpacked (None: packed
+    # by the layout). E4M3FNUZ has no safetensors dtype: its codes are stored as their E4M3FN twins.
+    checkpoint_dtype: torch.dtype | None
+    min_exponent: int | None = None  # float formats: the exponent of the smallest normal value
+    native_max: float | None = None  # where the type itself saturates above qmax (qfx caps the range)
+
+
 class QDType(str, enum.Enum):
     int8 = "int8"
     uint8 = "uint8"
@@ -24,32 +43,44 @@ class QDType(str, enum.Enum):
     fp8_e4m3fnuz = "fp8_e4m3fnuz"
 
     @property
-    def is_fp8(self) -> bool:
-        return self in (QDType.fp8_e4m3fn, QDType.fp8_e4m3fnuz)
+    def spec(self) -> CodeSpec:
+        return CODE_SPECS[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self.spec.is_float
 
     @property
     def is_signed(self) -> bool:
-        return self not in (QDType.uint8, QDType.uint4)
+        return self.spec.qmin < 0
 
     @property
     def bits(self) -> int:
-        return 4 if self in (QDType.int4, QDType.uint4) else 8
+        return self.spec.bits
 
     @property
     def qmin(self) -> float:
-        return {"int8": -128, "uint8": 0, "int4": -8, "uint4": 0}.get(self.value, -self.qmax)
+        return self.spec.qmin
 
     @property
     def qmax(self) -> float:
-        return {"int8": 127, "uint8": 255, "int4": 7, "uint4": 15,
-                "fp8_e4m3fn": 448.0, "fp8_e4m3fnuz": 224.0}[self.value]
+        return self.spec.qmax
 
     @property
     def storage(self) -> torch.dtype:
-        """The torch dtype that holds one code in a graph (int4 codes sit unpacked in int8)."""
-        return {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8,
-                "uint4": torch.uint8, "fp8_e4m3fn": torch.float8_e4m3fn,
-                "fp8_e4m3fnuz": torch.float8_e4m3fnuz}[self.value]
+        return self.spec.storage
+
+
+CODE_SPECS = {
+    QDType.int8: CodeSpec(8, False, -128, 127, torch.int8, "INT8", "int8", torch.int8),
+    QDType.uint8: CodeSpec(8, False, 0, 255, torch.uint8, "UINT8", "uint8", torch.uint8),
+    QDType.int4: CodeSpec(4, False, -8, 7, torch.int8, "INT4", None, None),
+    QDType.uint4: CodeSpec(4, False, 0, 15, torch.uint8, "UINT4", None, None),
+    QDType.fp8_e4m3fn: CodeSpec(8, True, -448.0, 448.0, torch.float8_e4m3fn, "FLOAT8E4M3FN", "float8_e4m3fn",
+                                torch.float8_e4m3fn, min_exponent=-6),
+    QDType.fp8_e4m3fnuz: CodeSpec(8, True, -224.0, 224.0, torch.float8_e4m3fnuz, "FLOAT8E4M3FNUZ",
+                                  "float8_e4m3fnuz", torch.float8_e4m3fn, min_exponent=-7, native_max=240.0),
+}
 
 
 class Granularity(str, enum.Enum):

@@ -35,7 +35,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
              qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
     s = broadcast_scale(scale, x.ndim, axis, group_size)
     y = x.float() / s  # the one temporary; everything after works in place
-    if qdtype.is_fp8:
+    if qdtype.is_float:
         return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
     y.round_()
     if zero_point is not None:
@@ -58,7 +58,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """dequantize(quantize(x)) in float32, bit for bit, without the codes' storage round trip
     for integer formats (their codes are small integers, exact in float32): for searches that
     quantize many candidates."""
-    if qdtype.is_fp8:  # the cast to FP8 is the rounding
+    if qdtype.is_float:  # the cast to FP8 is the rounding
         return dequantize(quantize(x, scale, zero_point, qdtype, axis, group_size), scale, zero_point, qdtype,
                           axis, group_size)
     return code_offsets(x, scale, zero_point, qdtype, axis, group_size).mul_(

@@ -158,7 +158,7 @@ def qlinear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     values, scale, largest = quantized_input(x, input_scale, input_zero_point, qdtype)
     packed = fbgemm_weight(weight, weight_scale)
     # codes minus zero point, moved into 0..255: int8 codes by 128, uint8 ones back by their zero point
-    shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype is QDType.int8 else 0)
+    shift = (0 if input_zero_point is None else int(input_zero_point)) + (128 if qdtype.is_signed else 0)
     rows = values.reshape(-1, values.shape[-1])
     if packed is not None and packed.codes is not None:
         out = _fbgemm(rows, shift, packed.codes).reshape(*values.shape[:-1], -1) * scale

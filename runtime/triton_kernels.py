@@ -38,8 +38,6 @@ from qfx.runtime.numerics import MIN_SCALE
 # How scaled_matmul reads its codes: as int8, or FP8 bytes as E4M3FN / E4M3FNUZ.
 INT8_CODES, FN_CODES, FNUZ_CODES = 0, 1, 2
 FP8_CODES = {torch.float8_e4m3fn: FN_CODES, torch.float8_e4m3fnuz: FNUZ_CODES}
-# The smallest normal exponent of each FP8 kind (E4M3FN's bias is 7, E4M3FNUZ's 8).
-FP8_MIN_EXPONENT = {QDType.fp8_e4m3fn: -6, QDType.fp8_e4m3fnuz: -7}
 # 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude below 2^22 to the nearest
 # integer, ties to even, on every backend (no libdevice call).
 ROUNDING_MAGIC = tl.constexpr(12582912.0)
@@ -120,13 +118,13 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    codes = torch.empty((m, k), dtype=torch.int8 if not qdtype.is_fp8 else qdtype.storage, device=x.device)
+    codes = torch.empty((m, k), dtype=torch.int8 if not qdtype.is_float else qdtype.storage, device=x.device)
     dynamic = scale is None
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device) if dynamic else scale.float()
     zp = 0 if zero_point is None else int(zero_point)
     quantize_rows_kernel[(m,)](x, codes, scale, zp, shift, k, x.stride(0), codes.stride(0), float(qdtype.qmin),
-                               float(qdtype.qmax), DYNAMIC=dynamic, INTEGER=not qdtype.is_fp8,
-                               FP8_EMIN=FP8_MIN_EXPONENT.get(qdtype, 0), MIN_SCALE=MIN_SCALE,
+                               float(qdtype.qmax), DYNAMIC=dynamic, INTEGER=not qdtype.is_float,
+                               FP8_EMIN=qdtype.spec.min_exponent or 0, MIN_SCALE=MIN_SCALE,
                                BLOCK_K=min(1024, triton.next_power_of_2(k)))
     return codes, scale
 
@@ -223,7 +221,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     """qfx::qlinear_w8a8 on the kernels: x quantized by the prologue, its codes moved into int8
     (uint8 codes shifted by 128) with the zero point folded into one offset."""
     flat = x.reshape(-1, x.shape[-1])
-    shift = 128 if qdtype is QDType.uint8 else 0
+    shift = 0 if qdtype.is_signed else 128
     codes, scale = quantize_rows(flat, input_scale, input_zero_point, qdtype, shift)
     offset = shift - (0 if input_zero_point is None else int(input_zero_point))
     out = scaled_matmul(codes, offset, scale, weight, weight_scale, bias, x.dtype, INT8_CODES, config)

@@ -373,7 +373,7 @@ def _verify_onnx(folder: Path, manifest: dict, providers: list[str] | None, mode
     elements = sum(v.size for v in values)
     flipped = sum(differing.values()) / max(elements, 1)
 
-    fp8 = any(QDType(tf["dtype"]).is_fp8 for rec in manifest["layers"].values()
+    fp8 = any(QDType(tf["dtype"]).is_float for rec in manifest["layers"].values()
               for tf in rec["format"].values() if tf)
     tolerance = TOLERANCE["fp8" if fp8 else "int"]
     error = compare_outputs(fed, got, top1=False)["rel_error"]

@@ -109,7 +109,7 @@ def test_quantize_prologue_gives_the_reference_codes(m, k, scheme, magnitude, ze
     shift = 128 if q is QDType.uint8 else 0
     on_device = [None if t is None else t.to(DEVICE) for t in (x, scale, zero_point)]
     codes, got_scale = quantize_rows(*on_device, q, shift)
-    if q.is_fp8:
+    if q.is_float:
         assert torch.equal(codes.cpu().view(torch.uint8), expected.view(torch.uint8))
     else:
         assert torch.equal(codes.cpu().to(torch.int16) + shift, expected.to(torch.int16))

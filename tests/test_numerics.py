@@ -25,7 +25,7 @@ def test_weight_roundtrip_error_is_within_half_a_step(rows, cols, seed, fmt):
     assert codes.dtype == fmt.dtype.storage
     dq = numerics.dequantize(codes, scale, zp, fmt.dtype, numerics.weight_axis(fmt), fmt.group_size)
     step = numerics.broadcast_scale(scale, 2, numerics.weight_axis(fmt), fmt.group_size)
-    if fmt.dtype.is_fp8:
+    if fmt.dtype.is_float:
         # 3 mantissa bits: relative error at most 2^-4 of the value, plus subnormal spacing.
         bound = w.abs() * 2 ** -4 + step * 2 ** -9
     else:

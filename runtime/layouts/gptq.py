@@ -59,7 +59,7 @@ class GptqLayout(Layout):
         w = fmt.weight
         if fmt.input is not None or fmt.output is not None:
             return "GPTQ checkpoints are weight-only: the input and output must stay in float (null)"
-        if w is None or w.dtype.is_fp8 or w.dtype.bits not in BITS:
+        if w is None or w.dtype.is_float or w.dtype.bits not in BITS:
             return f"GPTQ stores {'/'.join(map(str, BITS))}-bit integer weights, not {w.dtype.value if w else 'float'}"
         if w.granularity not in (Granularity.per_group, Granularity.per_channel):
             return f"GPTQ stores per_group or per_channel weight scales, not {w.granularity.value}"

@@ -34,12 +34,12 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
     """One layer's graph buffers (keys 'weight', 'weight_scale', ...) in artifact form."""
     out = dict(tensors)
     for role, tf, scale_key, zp_key in _stored_tensors(fmt):
-        if tf.dtype is QDType.fp8_e4m3fnuz:
+        if _stored_as_twin(tf):
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fnuz_to_fn(out["weight"], out[scale_key])
             else:
                 out[scale_key] = out[scale_key] / 2
-        elif not tf.dtype.is_fp8 and zp_key not in out:
+        elif not tf.dtype.is_float and zp_key not in out:
             out[zp_key] = torch.zeros_like(out[scale_key], dtype=tf.dtype.storage)
         if role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
@@ -47,11 +47,15 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
     return out
 
 
-# The dtype each code type has in the artifact: FP8 codes are stored as OCP E4M3FN whatever the
-# target, 4-bit codes and their zero points packed eight to an int32.
-ARTIFACT_CODE_DTYPE = {QDType.int8: torch.int8, QDType.uint8: torch.uint8, QDType.int4: torch.int32,
-                       QDType.uint4: torch.int32, QDType.fp8_e4m3fn: torch.float8_e4m3fn,
-                       QDType.fp8_e4m3fnuz: torch.float8_e4m3fn}
+def _stored_as_twin(tf: TensorFormat) -> bool:
+    """Whether the codes are stored as another float type's (E4M3FNUZ as E4M3FN: the scale halves)."""
+    return tf.dtype.is_float and tf.dtype.spec.checkpoint_dtype != tf.dtype.storage
+
+
+def artifact_code_dtype(dtype: QDType) -> torch.dtype:
+    """The dtype a code type has in the artifact: 4-bit codes and their zero points are packed
+    eight to an int32; the others as the registry stores them (FP8 as OCP E4M3FN)."""
+    return dtype.spec.checkpoint_dtype or torch.int32
 
 
 def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: int, bias: bool,
@@ -70,7 +74,7 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
         groups = in_features // w.group_size if w.group_size else 0
         scale = {Granularity.per_tensor: (), Granularity.per_channel: (out_features,),
                  Granularity.per_group: (out_features, groups)}[w.granularity]
-        code = ARTIFACT_CODE_DTYPE[w.dtype]
+        code = artifact_code_dtype(w.dtype)
         if w.dtype.bits == 4:  # Quark's transposed, packed layout
             if out_features % 8:
                 raise ArtifactError(f"{w.dtype.value} weights pack eight codes per int32 along out_features, "
@@ -81,14 +85,14 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
         else:
             out["weight"] = (code, (out_features, in_features))
             out["weight_scale"] = (torch.float32, scale)
-            if not w.dtype.is_fp8:
+            if not w.dtype.is_float:
                 out["weight_zero_point"] = (code, scale)
     for role in ("input", "output"):
         tf = getattr(fmt, role)
         if tf is not None and not tf.dynamic:
             out[f"{role}_scale"] = (torch.float32, ())
-            if not tf.dtype.is_fp8:
-                out[f"{role}_zero_point"] = (ARTIFACT_CODE_DTYPE[tf.dtype], ())
+            if not tf.dtype.is_float:
+                out[f"{role}_zero_point"] = (artifact_code_dtype(tf.dtype), ())
     if bias:
         out["bias"] = (float_dtype, (out_features,))
     if SCALE_TRANSFORM in transforms:
@@ -103,7 +107,7 @@ def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> d
         if role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = unpack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key], tf.dtype)
-        if tf.dtype is QDType.fp8_e4m3fnuz:
+        if _stored_as_twin(tf):
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fn_to_fnuz(out["weight"], out[scale_key])
             else:
@@ -172,7 +176,7 @@ def quark_tensor_config(fmt: TensorFormat | None, role: str) -> dict | None:
     if fmt.observer is ObserverKind.percentile:
         observer = "PerTensorPercentileObserver"
     return {
-        "dtype": "fp8_e4m3" if fmt.dtype.is_fp8 else fmt.dtype.value,
+        "dtype": "fp8_e4m3" if fmt.dtype.is_float else fmt.dtype.value,
         "qscheme": "per_channel" if dynamic else fmt.granularity.value,
         "ch_axis": ch_axis,
         "group_size": fmt.group_size or None,
