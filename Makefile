@@ -50,13 +50,24 @@ $(LMEVAL_STAMP): pyproject.toml constraints.txt
 	$(LMEVAL_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[eval,onnx]'
 	touch $@
 
+# compressed-tensors (how transformers and vLLM load llm-compressor checkpoints), for the
+# compressed-tensors layout's conformance tests.
+CT_VENV ?= .venv-ct
+CT_STAMP := $(CT_VENV)/.installed
+
+$(CT_STAMP): constraints.txt
+	$(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(CT_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors 'compressed-tensors==0.20.*'
+	touch $@
+
 $(GPTQ_STAMP): constraints.txt
 	$(PYTHON) -m venv $(GPTQ_VENV)
 	$(GPTQ_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(GPTQ_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors optimum 'gptqmodel==7.6.*'
 	touch $@
 
-conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP) $(GPTQ_STAMP)
+conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP) $(GPTQ_STAMP) $(CT_STAMP)
 
 # Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
 demo: setup
@@ -68,6 +79,7 @@ demo: setup
 test: setup conformance-setup
 	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python QFX_ORT122_PYTHON=$(abspath $(ORT122_VENV))/bin/python \
 		QFX_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python QFX_GPTQ_PYTHON=$(abspath $(GPTQ_VENV))/bin/python \
+		QFX_CT_PYTHON=$(abspath $(CT_VENV))/bin/python \
 		$(PY) -m pytest -q
 
 test-fast: setup

@@ -299,6 +299,7 @@ class CheckpointLayout(str, enum.Enum):
     quark = "quark"  # AMD Quark: transformers through amd-quark, vLLM quantization='quark'
     gptq = "gptq"  # GPTQ v1 (AutoGPTQ, GPTQModel): transformers through optimum + gptqmodel, vLLM
     gptq_v2 = "gptq_v2"  # GPTQ with true zero points: asymmetric weights
+    compressed_tensors = "compressed-tensors"  # llm-compressor: transformers through compressed-tensors, vLLM
 
 
 class OnnxOptions(_Model):
@@ -314,7 +315,8 @@ class Output(_Model):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     layout: CheckpointLayout = Field(default=CheckpointLayout.quark,
                                      description="the layout of model.safetensors and its config.json: quark, gptq "
-                                                 "(weight-only int4/int8, symmetric) or gptq_v2 (also asymmetric)")
+                                                 "(weight-only int4/int8, symmetric), gptq_v2 (also asymmetric) "
+                                                 "or compressed-tensors (int4/int8 weight-only, W8A8 int8, FP8)")
 
     @field_validator("formats")
     @classmethod

@@ -1,5 +1,6 @@
-"""Run by a consumer's environment (amd-quark's or GPTQModel's, not qfx's): load a qfx artifact
-the way a user of transformers would, and write its logits for the given token ids.
+"""Run by a consumer's environment (amd-quark's, GPTQModel's or compressed-tensors', not qfx's):
+load a qfx artifact the way a user of transformers would, and write its logits for the given
+token ids.
 
 usage: python hf_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors [GPTQ_BACKEND]
 GPTQ_BACKEND (GPTQ checkpoints): the gptqmodel kernel to load with; `torch` computes in the

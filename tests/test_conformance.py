@@ -1,9 +1,11 @@
 """qfx artifacts load in Hugging Face transformers through their layout's consumer, and compute
 what qfx.runtime computes: the Quark layout through amd-quark (what vLLM loads with
-quantization='quark'), the GPTQ layouts through optimum + GPTQModel.
+quantization='quark'), the GPTQ layouts through optimum + GPTQModel, the compressed-tensors
+layout through compressed-tensors.
 
 Each consumer runs in its own environment (make conformance-setup; `make test` does it), pointed
-to by QFX_QUARK_PYTHON and QFX_GPTQ_PYTHON, so their many dependencies never touch qfx's."""
+to by QFX_QUARK_PYTHON, QFX_GPTQ_PYTHON and QFX_CT_PYTHON, so their many dependencies never touch
+qfx's."""
 import json
 import os
 import subprocess
@@ -22,6 +24,9 @@ pytestmark = pytest.mark.conformance
 QUARK_PYTHON = os.environ.get("QFX_QUARK_PYTHON")
 requires_quark = pytest.mark.skipif(not QUARK_PYTHON, reason="QFX_QUARK_PYTHON is not set: run `make test`, "
                                     "which installs amd-quark into .venv-quark")
+CT_PYTHON = os.environ.get("QFX_CT_PYTHON")
+requires_ct = pytest.mark.skipif(not CT_PYTHON, reason="QFX_CT_PYTHON is not set: run `make test`, "
+                                 "which installs compressed-tensors into .venv-ct")
 GPTQ_PYTHON = os.environ.get("QFX_GPTQ_PYTHON")
 requires_gptqmodel = pytest.mark.skipif(not GPTQ_PYTHON, reason="QFX_GPTQ_PYTHON is not set: run `make test`, "
                                         "which installs optimum and gptqmodel into .venv-gptq")
@@ -143,3 +148,51 @@ def test_gptq_layout_of_a_real_model_loads_through_gptqmodel(tmp_path):
     # trained model carries that rounding further than the random one does
     print(f"gptq TinyStories int4 g64: max relative logits difference {rel:.3g}")
     assert rel <= 1e-2, rel
+
+
+CT_SCHEMES = {  # name: (target, quantization, tolerance): measured 0 (bit-identical logits) unless said
+    "int4-g128": ("cpu", {"preset": "w4a16-g128"}, 1e-3),
+    "w8a8-int8-static": ("cpu", {"preset": "w8a8-int8"}, 1e-3),
+    "fp8-gfx950": ("gfx950", {"preset": "w8a8-fp8"}, 1e-3),
+    "fp8-gfx942": ("gfx942", {"preset": "w8a8-fp8"}, 1e-3),  # FNUZ codes stored as their E4M3FN twins
+    # measured 7.2e-3: compressed-tensors' own per-token quantizer divides amax by 127.5, where qfx
+    # (and vLLM's int8 kernels) divide by 127; the stored tensors are the same
+    "w8a8-int8-dynamic": ("cpu", {"preset": "w8a8-int8-dynamic"}, 2e-2),
+}
+
+
+@requires_ct
+@pytest.mark.parametrize("scheme", sorted(CT_SCHEMES))
+def test_compressed_tensors_layout_loads_in_transformers(scheme, tmp_path):
+    target, quantization, tolerance = CT_SCHEMES[scheme]
+    spec = dict(tiny_spec(), target=target, model={"factory": "qfx.examples:small_llama"},
+                calibration={"synthetic": True, "samples": 8, "seq_len": 64},
+                quantization=dict(quantization, exclude=["lm_head"]),
+                output={"dir": str(tmp_path / "artifact"), "layout": "compressed-tensors"})
+    result = qfx.compile(spec=spec)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    theirs, report = consumer_logits(CT_PYTHON, result.artifact_dir, ids, tmp_path)
+    assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
+                                      "error_msgs": []}, report
+    with torch.no_grad():
+        ours = qfx.runtime.load(result.artifact_dir)(ids).logits
+    rel = float((theirs - ours).abs().max() / ours.abs().max())
+    print(f"compressed-tensors {scheme}: max relative logits difference {rel:.3g}")
+    assert rel <= tolerance, rel
+
+
+@requires_ct
+@pytest.mark.skipif(not TINYSTORIES.is_dir(), reason="needs ../shared/data/tinystories-llama-64d")
+def test_compressed_tensors_layout_of_a_real_model_loads(tmp_path):
+    base, vocab = model_spec()
+    spec = dict(tiny_spec(), **base, quantization={"preset": "w4a16-g64", "exclude": ["lm_head"]},
+                algorithms=[{"gptq": {}}], output={"dir": str(tmp_path / "artifact"), "layout": "compressed-tensors"})
+    result = qfx.compile(spec=spec)
+    ids = torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0))
+    theirs, report = consumer_logits(CT_PYTHON, result.artifact_dir, ids, tmp_path)
+    assert report["loading_info"]["mismatched_keys"] == [], report
+    with torch.no_grad():
+        ours = qfx.runtime.load(result.artifact_dir)(ids).logits
+    rel = float((theirs - ours).abs().max() / ours.abs().max())
+    print(f"compressed-tensors TinyStories int4 g64 (GPTQ): max relative logits difference {rel:.3g}")
+    assert rel <= 1e-3, rel

@@ -15,7 +15,7 @@ from qfx.errors import SpecError, UserError
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, QDType, ScaleDType, TensorFormat
 from qfx.runtime.layouts import layout_named
-from qfx.runtime.layouts.gptq import pack_along, unpack_along
+from qfx.runtime.layouts.packing import pack_along, unpack_along
 
 
 def gptq_spec(tmp_path, layout="gptq", algorithms=(), **quantization):

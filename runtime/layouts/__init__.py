@@ -61,10 +61,12 @@ class Layout(abc.ABC):
 
 
 def layouts() -> dict[str, Layout]:
+    from qfx.runtime.layouts.compressed_tensors import CompressedTensorsLayout
     from qfx.runtime.layouts.gptq import GptqLayout
     from qfx.runtime.layouts.quark import QuarkLayout
 
-    return {layout.name: layout for layout in (QuarkLayout(), GptqLayout("gptq"), GptqLayout("gptq_v2"))}
+    return {layout.name: layout for layout in (QuarkLayout(), GptqLayout("gptq"), GptqLayout("gptq_v2"),
+                                               CompressedTensorsLayout())}
 
 
 def layout_named(name: str) -> Layout:

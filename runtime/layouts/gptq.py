@@ -22,29 +22,12 @@ import torch
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ScaleDType
 from qfx.runtime.layouts import Layout
+from qfx.runtime.layouts.packing import pack_along, unpack_along
 
 BITS = (4, 8)  # the integer formats qfx has; GPTQ also packs 2 and 3 bits
 # A linear inside a repeated block: "<blocks>.<index>.<name in block>".
 BLOCK_PATH = re.compile(r"^(?P<blocks>.+?)\.(?P<index>\d+)\.(?P<name>.+)$")
 REBUILD = "the checkpoint and manifest.json do not describe one build; rebuild the artifact"
-
-
-def pack_along(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unsigned `bits`-bit values packed 32/bits to an int32 along `dim`, lowest bits first."""
-    per_word = 32 // bits
-    v = values.to(torch.int64).movedim(dim, -1)
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // per_word, per_word)
-    word = (v << (torch.arange(per_word, dtype=torch.int64) * bits)).sum(dim=-1)
-    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-    return word.movedim(-1, dim).contiguous()
-
-
-def unpack_along(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of `pack_along`, as int64."""
-    per_word = 32 // bits
-    w = (words.to(torch.int64) & 0xFFFFFFFF).movedim(dim, -1)
-    v = (w.unsqueeze(-1) >> (torch.arange(per_word, dtype=torch.int64) * bits)) & (2**bits - 1)
-    return v.reshape(*w.shape[:-1], w.shape[-1] * per_word).movedim(-1, dim).contiguous()
 
 
 class GptqLayout(Layout):

@@ -1,0 +1,188 @@
+"""The compressed-tensors layout (llm-compressor's checkpoints), which transformers (through
+compressed-tensors) and vLLM load.
+
+Per quantized linear (N outputs, K inputs, G groups along K), by the format of its group:
+- `pack-quantized` (integer weights, float inputs): `weight_packed` int32 [N, K*b/32], codes made
+  unsigned (compressed-tensors keeps signed codes and adds 2**(b-1) when it packs) and packed
+  along K lowest bits first; `weight_shape` int64 [2]. Symmetric only: compressed-tensors packs
+  asymmetric zero points along N, which its transformers loader cannot read back (format_problem);
+- `int-quantized` (int8 weights and inputs) and `float-quantized` (FP8): `weight` in its code
+  dtype (signed int8; FP8 as E4M3FN), `weight_zero_point` int8 when asymmetric;
+- every one: `weight_scale` float32 [N, G], [N, 1] per channel or [1] per tensor, and for static
+  inputs `input_scale` [1] (and `input_zero_point` int8 when asymmetric).
+compressed-tensors' integer codes are always signed: an unsigned qfx format (uint4, uint8) is the
+same grid moved by 2**(b-1), codes and zero points alike. The config's scales are float32
+(`scale_dtype`), so a float16 or bfloat16 model reads the scales qfx built.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from qfx.runtime import numerics
+from qfx.runtime.formats import Granularity, LayerFormat, TensorFormat
+from qfx.runtime.layouts import Layout
+from qfx.runtime.layouts.packing import pack_along, unpack_along
+
+STRATEGY = {Granularity.per_tensor: "tensor", Granularity.per_channel: "channel", Granularity.per_group: "group",
+            Granularity.per_token: "token"}
+
+
+def _shift(tf: TensorFormat) -> int:
+    """What moves qfx's codes of `tf` onto compressed-tensors' signed ones (subtracted)."""
+    return 0 if tf.dtype.is_signed or tf.dtype.is_float else 2 ** (tf.dtype.bits - 1)
+
+
+def compression_format(fmt: LayerFormat) -> str:
+    if fmt.weight.dtype.is_float:
+        return "float-quantized"
+    return "pack-quantized" if fmt.input is None else "int-quantized"
+
+
+def _stored_scale(scale: torch.Tensor, tf: TensorFormat) -> torch.Tensor:
+    """[N, G] per group, [N, 1] per channel, [1] per tensor (qfx's are [N, G], [N] and 0-d)."""
+    if tf.granularity is Granularity.per_tensor:
+        return scale.reshape(1)
+    return scale.reshape(scale.shape[0], -1)
+
+
+class CompressedTensorsLayout(Layout):
+    name = "compressed-tensors"
+    holds_input_transforms = False
+
+    def format_problem(self, fmt: LayerFormat) -> str | None:
+        w, x = fmt.weight, fmt.input
+        if w is None:
+            return "compressed-tensors stores quantized weights: the weight must be quantized"
+        if fmt.output is not None:
+            return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
+        if w.reduce_range:
+            return "compressed-tensors has no 7-bit (reduce_range) int8 weights"
+        if x is not None and x.dtype.is_float != w.dtype.is_float:
+            return "compressed-tensors quantizes weights and inputs alike: both integer or both FP8"
+        if x is None and w.dtype.is_float:
+            return "FP8 weights with float inputs (W8A16 FP8) are not written in this layout yet"
+        if x is not None and w.dtype.bits != 8:
+            return f"{w.dtype.value} weights with quantized inputs: compressed-tensors' int-quantized format is int8"
+        if x is None and not w.symmetric:
+            # transformers builds the layer with an unpacked [N, G] zero point, then reads the packed
+            # one the checkpoint holds: a size mismatch, and the zero points are reinitialized
+            return ("asymmetric weight-only weights (packed zero points) do not load through transformers + "
+                    "compressed-tensors 0.20; use symmetric weights (int4 / int8) in this layout")
+        return None
+
+    def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
+        w = fmt.weight
+        if compression_format(fmt) == "pack-quantized":
+            per_word = 32 // w.dtype.bits
+            if in_features % per_word:
+                return f"{w.dtype.value} codes are packed {per_word} to an int32 along in_features, {in_features}"
+        return None
+
+    def to_artifact(self, tensors, fmt):
+        w, x = fmt.weight, fmt.input
+        out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
+        codes, scale, zero = tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point")
+        if w.dtype.is_float:
+            if w.dtype.spec.checkpoint_dtype != w.dtype.storage:  # E4M3FNUZ as its E4M3FN twin
+                codes, scale = numerics.fnuz_to_fn(codes, scale)
+        else:
+            codes = codes.to(torch.int16) - _shift(w)
+        if compression_format(fmt) == "pack-quantized":
+            bits = w.dtype.bits
+            out["weight_packed"] = pack_along(codes.to(torch.int64) + 2 ** (bits - 1), bits, dim=1)
+            out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
+        else:
+            out["weight"] = codes if w.dtype.is_float else codes.to(torch.int8)
+        out["weight_scale"] = _stored_scale(scale, w).float().contiguous()
+        if zero is not None:
+            out["weight_zero_point"] = _stored_scale(zero.to(torch.int16) - _shift(w), w).to(torch.int8).contiguous()
+        if x is not None and not x.dynamic:
+            input_scale = tensors["input_scale"]
+            if x.dtype.is_float and x.dtype.spec.checkpoint_dtype != x.dtype.storage:
+                input_scale = input_scale / 2  # the input's codes are read as E4M3FN too: worth twice
+            out["input_scale"] = input_scale.reshape(1).float()
+            if not x.symmetric:
+                out["input_zero_point"] = (tensors["input_zero_point"].to(torch.int16) - _shift(x)).reshape(1).to(torch.int8)
+        return out
+
+    def from_artifact(self, tensors, fmt):
+        w, x = fmt.weight, fmt.input
+        out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
+        grouped_or_channel = w.granularity is not Granularity.per_tensor
+        scale = tensors["weight_scale"]
+        scale = scale.reshape(()) if not grouped_or_channel else (
+            scale if w.granularity is Granularity.per_group else scale.reshape(-1))
+        if compression_format(fmt) == "pack-quantized":
+            bits = w.dtype.bits
+            codes = unpack_along(tensors["weight_packed"], bits, dim=1) - 2 ** (bits - 1)
+        else:
+            codes = tensors["weight"]
+        if w.dtype.is_float:
+            if w.dtype.spec.checkpoint_dtype != w.dtype.storage:
+                codes, scale = numerics.fn_to_fnuz(codes, scale)
+        else:
+            codes = (codes.to(torch.int16) + _shift(w)).to(w.dtype.storage)
+        out["weight"], out["weight_scale"] = codes.contiguous(), scale.contiguous()
+        if not w.symmetric:
+            z = (tensors["weight_zero_point"].to(torch.int16) + _shift(w)).to(w.dtype.storage)
+            out["weight_zero_point"] = (z if w.granularity is Granularity.per_group else z.reshape(-1)).contiguous()
+        if x is not None and not x.dynamic:
+            input_scale = tensors["input_scale"].reshape(())
+            if x.dtype.is_float and x.dtype.spec.checkpoint_dtype != x.dtype.storage:
+                input_scale = input_scale * 2
+            out["input_scale"] = input_scale
+            if not x.symmetric:
+                out["input_zero_point"] = (tensors["input_zero_point"].reshape(()).to(torch.int16)
+                                           + _shift(x)).to(x.dtype.storage)
+        return out
+
+    def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
+        w, x = fmt.weight, fmt.input
+        groups = in_features // w.group_size if w.group_size else 1
+        scale_shape = {Granularity.per_tensor: (1,), Granularity.per_channel: (out_features, 1),
+                       Granularity.per_group: (out_features, groups)}[w.granularity]
+        out = {"weight_scale": (torch.float32, scale_shape)}
+        if compression_format(fmt) == "pack-quantized":
+            per_word = 32 // w.dtype.bits
+            out["weight_packed"] = (torch.int32, (out_features, in_features // per_word))
+            out["weight_shape"] = (torch.int64, (2,))
+        else:
+            code = w.dtype.spec.checkpoint_dtype if w.dtype.is_float else torch.int8
+            out["weight"] = (code, (out_features, in_features))
+            if not w.symmetric:
+                out["weight_zero_point"] = (torch.int8, scale_shape)
+        if x is not None and not x.dynamic:
+            out["input_scale"] = (torch.float32, (1,))
+            if not x.symmetric:
+                out["input_zero_point"] = (torch.int8, (1,))
+        if bias:
+            out["bias"] = (float_dtype, (out_features,))
+        return out
+
+    def config(self, plan, linear_paths):
+        by_format = collections.defaultdict(list)
+        for path, quant in plan.items():
+            by_format[quant.fmt].append(path)
+        one = len(by_format) == 1
+        groups = {}
+        for i, (fmt, paths) in enumerate(by_format.items()):
+            groups[f"group_{i}"] = {"targets": ["Linear"] if one else sorted(paths),
+                                    "weights": _args(fmt.weight), "input_activations": _args(fmt.input),
+                                    "output_activations": None, "format": compression_format(fmt)}
+        formats = {g["format"] for g in groups.values()}
+        return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+                "quantization_status": "compressed", "config_groups": groups, "kv_cache_scheme": None,
+                "global_compression_ratio": None, "ignore": [p for p in linear_paths if p not in plan]}
+
+
+def _args(tf: TensorFormat | None) -> dict | None:
+    """compressed-tensors' QuantizationArgs of one tensor."""
+    if tf is None:
+        return None
+    return {"num_bits": tf.dtype.bits, "type": "float" if tf.dtype.is_float else "int", "symmetric": tf.symmetric,
+            "group_size": tf.group_size or None, "strategy": STRATEGY[tf.granularity], "dynamic": tf.dynamic,
+            "actorder": None, "block_structure": None, "scale_dtype": "torch.float32", "zp_dtype": None,
+            "observer": None if tf.dynamic else "minmax", "observer_kwargs": {}}
+
