@@ -136,13 +136,18 @@ def test_gptq_layout_loads_in_transformers_through_gptqmodel(scheme, tmp_path):
     assert rel <= 1e-3, rel
 
 
+def tinystories_gptq_int4(tmp_path, layout: str) -> tuple[dict, torch.Tensor]:
+    """The spec of a GPTQ-built W4A16 g64 TinyStories artifact in `layout`, and token ids to run it on."""
+    base, vocab = model_spec()
+    spec = dict(tiny_spec(), **base, quantization={"preset": "w4a16-g64", "exclude": ["lm_head"]},
+                algorithms=[{"gptq": {}}], output={"dir": str(tmp_path / "artifact"), "layout": layout})
+    return spec, torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0))
+
+
 @requires_gptqmodel
 @pytest.mark.skipif(not TINYSTORIES.is_dir(), reason="needs ../shared/data/tinystories-llama-64d")
 def test_gptq_layout_of_a_real_model_loads_through_gptqmodel(tmp_path):
-    base, vocab = model_spec()
-    spec = dict(tiny_spec(), **base, quantization={"preset": "w4a16-g64", "exclude": ["lm_head"]},
-                algorithms=[{"gptq": {}}], output={"dir": str(tmp_path / "artifact"), "layout": "gptq"})
-    ids = torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0))
+    spec, ids = tinystories_gptq_int4(tmp_path, "gptq")
     rel = gptq_conformance(spec, ids, tmp_path)
     # measured: 3.7e-3. The weights are qfx's rounded to float16 (asserted bit for bit); the
     # trained model carries that rounding further than the random one does
@@ -184,11 +189,8 @@ def test_compressed_tensors_layout_loads_in_transformers(scheme, tmp_path):
 @requires_ct
 @pytest.mark.skipif(not TINYSTORIES.is_dir(), reason="needs ../shared/data/tinystories-llama-64d")
 def test_compressed_tensors_layout_of_a_real_model_loads(tmp_path):
-    base, vocab = model_spec()
-    spec = dict(tiny_spec(), **base, quantization={"preset": "w4a16-g64", "exclude": ["lm_head"]},
-                algorithms=[{"gptq": {}}], output={"dir": str(tmp_path / "artifact"), "layout": "compressed-tensors"})
+    spec, ids = tinystories_gptq_int4(tmp_path, "compressed-tensors")
     result = qfx.compile(spec=spec)
-    ids = torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0))
     theirs, report = consumer_logits(CT_PYTHON, result.artifact_dir, ids, tmp_path)
     assert report["loading_info"]["mismatched_keys"] == [], report
     with torch.no_grad():
