@@ -19,6 +19,7 @@ from qfx.passes.registry import PipelineSyntaxError
 from qfx.rules import resolve_plan
 from qfx.runner import run_pipeline, verify_graph
 from qfx.runtime import ops
+from qfx.runtime.layouts import DEFAULT_LAYOUT, layout_named
 from qfx.spec_loader import load_spec
 
 
@@ -29,7 +30,8 @@ def setup():
     bundle = wrap_module(tiny_llama())
     data = calibration_set(loaded.spec.calibration, bundle)
     gm = export(bundle, tuple(t[:2] for t in data.inputs))
-    plan = resolve_plan(loaded.spec.quantization, loaded.spec.target, _linears(gm, bundle.root_prefix), loaded.source)
+    plan = resolve_plan(loaded.spec.quantization, loaded.spec.target, _linears(gm, bundle.root_prefix), loaded.source,
+                        layout_named(DEFAULT_LAYOUT))
     ctx = PassContext(plan=plan, root_prefix=bundle.root_prefix, run_data=lambda g: run_calibration(g, data, 2))
     return gm, ctx, data
 

@@ -5,6 +5,7 @@ import pytest
 from qfx.errors import SpecError
 from qfx.rules import LinearInfo, resolve_plan
 from qfx.runtime.formats import Granularity, QDType
+from qfx.runtime.layouts import DEFAULT_LAYOUT, layout_named
 from qfx.spec_loader import load_spec
 
 LAYERS = [LinearInfo(f"model.layers.{i}.{name}", 64, 64) for i in range(2)
@@ -18,7 +19,7 @@ def plan_of(tmp_path, body: str, target: str = "cpu"):
     path = tmp_path / "spec.yaml"
     path.write_text(HEAD.replace("version: 1", f"version: 1\ntarget: {target}") + body)
     loaded = load_spec(path)
-    return resolve_plan(loaded.spec.quantization, loaded.spec.target, LAYERS, loaded.source)
+    return resolve_plan(loaded.spec.quantization, loaded.spec.target, LAYERS, loaded.source, layout_named(DEFAULT_LAYOUT))
 
 
 def test_default_applies_to_every_layer_and_exclude_wins(tmp_path):
