@@ -81,3 +81,11 @@ def test_formats_the_layout_cannot_hold_are_refused(tmp_path, quantization, mess
         qfx.compile(spec=spec)
     assert "compressed-tensors layout" in str(info.value)
     assert not (tmp_path / "artifact").exists()
+
+
+def test_asymmetric_per_tensor_uint8_weights_reload_exactly(tmp_path):
+    result = ct_build(tmp_path, preset="w8a8-int8", exclude=["lm_head"],
+                      default={"weight": {"dtype": "uint8", "symmetric": False, "granularity": "per_tensor"}})
+    tensors = load_file(str(result.artifact_dir / "model.safetensors"))
+    assert tensors["model.layers.0.mlp.up_proj.weight_zero_point"].shape == (1,)
+    assert reloads_exactly(result)

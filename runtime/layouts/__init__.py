@@ -17,6 +17,7 @@ from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import LayerFormat, LayerQuant, ScaleDType
 
 DEFAULT_LAYOUT = "quark"
+NOT_ONE_BUILD = "the checkpoint and manifest.json do not describe one build; rebuild the artifact"
 
 
 class Layout(abc.ABC):
@@ -86,7 +87,7 @@ def check_artifact_layer(layout: Layout, tensors: dict[str, torch.Tensor], fmt: 
     silently computes garbage."""
     if problem := layout.shape_problem(fmt, in_features, out_features):
         raise ArtifactError(f"layer {where} cannot be stored in the {layout.name} layout: {problem}",
-                            hint="the checkpoint and manifest.json do not describe one build; rebuild the artifact")
+                            hint=NOT_ONE_BUILD)
     expected = layout.expected(fmt, in_features, out_features, bias, float_dtype, transforms)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -94,7 +95,7 @@ def check_artifact_layer(layout: Layout, tensors: dict[str, torch.Tensor], fmt: 
                             f"{' and ' if missing and extra else ''}"
                             f"{'unexpected ' + ', '.join(extra) if extra else ''} for its format "
                             f"({', '.join(f'{r} {tf.describe()}' for r, tf in fmt.tensors.items())})",
-                            hint="the checkpoint and manifest.json do not describe one build; rebuild the artifact")
+                            hint=NOT_ONE_BUILD)
     for name, (dtype, shape) in expected.items():
         t = tensors[name]
         if t.dtype != dtype or tuple(t.shape) != shape:

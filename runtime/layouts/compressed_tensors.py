@@ -47,6 +47,13 @@ def _stored_scale(scale: torch.Tensor, tf: TensorFormat) -> torch.Tensor:
     return scale.reshape(scale.shape[0], -1)
 
 
+def _graph_shaped(t: torch.Tensor, tf: TensorFormat) -> torch.Tensor:
+    """The inverse of `_stored_scale`."""
+    if tf.granularity is Granularity.per_tensor:
+        return t.reshape(())
+    return t if tf.granularity is Granularity.per_group else t.reshape(-1)
+
+
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
     holds_input_transforms = False
@@ -110,10 +117,7 @@ class CompressedTensorsLayout(Layout):
     def from_artifact(self, tensors, fmt):
         w, x = fmt.weight, fmt.input
         out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
-        grouped_or_channel = w.granularity is not Granularity.per_tensor
-        scale = tensors["weight_scale"]
-        scale = scale.reshape(()) if not grouped_or_channel else (
-            scale if w.granularity is Granularity.per_group else scale.reshape(-1))
+        scale = _graph_shaped(tensors["weight_scale"], w)
         if compression_format(fmt) == "pack-quantized":
             bits = w.dtype.bits
             codes = unpack_along(tensors["weight_packed"], bits, dim=1) - 2 ** (bits - 1)
@@ -127,7 +131,7 @@ class CompressedTensorsLayout(Layout):
         out["weight"], out["weight_scale"] = codes.contiguous(), scale.contiguous()
         if not w.symmetric:
             z = (tensors["weight_zero_point"].to(torch.int16) + _shift(w)).to(w.dtype.storage)
-            out["weight_zero_point"] = (z if w.granularity is Granularity.per_group else z.reshape(-1)).contiguous()
+            out["weight_zero_point"] = _graph_shaped(z, w).contiguous()
         if x is not None and not x.dynamic:
             input_scale = tensors["input_scale"].reshape(())
             if x.dtype.is_float and x.dtype.spec.checkpoint_dtype != x.dtype.storage:

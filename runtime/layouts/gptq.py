@@ -21,13 +21,12 @@ import torch
 
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ScaleDType
-from qfx.runtime.layouts import Layout
+from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 from qfx.runtime.layouts.packing import pack_along, unpack_along
 
 BITS = (4, 8)  # the integer formats qfx has; GPTQ also packs 2 and 3 bits
 # A linear inside a repeated block: "<blocks>.<index>.<name in block>".
 BLOCK_PATH = re.compile(r"^(?P<blocks>.+?)\.(?P<index>\d+)\.(?P<name>.+)$")
-REBUILD = "the checkpoint and manifest.json do not describe one build; rebuild the artifact"
 
 
 class GptqLayout(Layout):
@@ -91,7 +90,7 @@ class GptqLayout(Layout):
         scale, zero = scale.reshape(scale.shape[0], -1), zero.reshape(scale.shape[0], -1)  # [N, G]
         stored_zero = zero.T + offset - self.zero_stored_less  # [G, N]
         if bool((stored_zero < 0).any()):  # format_problem refuses the formats that produce it
-            raise ArtifactError(f"a zero point of 0 cannot be stored in the {self.name} layout", hint=REBUILD)
+            raise ArtifactError(f"a zero point of 0 cannot be stored in the {self.name} layout", hint=NOT_ONE_BUILD)
         out = {k: v for k, v in tensors.items() if not k.startswith("weight")}
         groups = scale.shape[1]
         k = codes.shape[1]
@@ -108,7 +107,7 @@ class GptqLayout(Layout):
         groups = tensors["scales"].shape[0]
         if not torch.equal(tensors["g_idx"], (torch.arange(k) // (k // groups)).to(torch.int32)):
             raise ArtifactError("g_idx is not k // group_size: the checkpoint permutes its groups, which qfx never "
-                                "writes (its act-order keeps static groups)", hint=REBUILD)
+                                "writes (its act-order keeps static groups)", hint=NOT_ONE_BUILD)
         out = {k_: v for k_, v in tensors.items() if k_ not in ("qweight", "qzeros", "scales", "g_idx")}
         codes = unpack_along(tensors["qweight"], bits, dim=0).T - offset  # [N, K]
         zero = (unpack_along(tensors["qzeros"], bits, dim=1) + self.zero_stored_less).T - offset  # [N, G]
@@ -119,7 +118,7 @@ class GptqLayout(Layout):
         if w.symmetric:
             if bool((zero != 0).any()):
                 raise ArtifactError(f"qzeros of a symmetric layer are not all {offset - self.zero_stored_less}",
-                                    hint=REBUILD)
+                                    hint=NOT_ONE_BUILD)
         else:
             out["weight_zero_point"] = (zero if grouped else zero.reshape(-1)).to(w.dtype.storage).contiguous()
         return out
@@ -127,7 +126,7 @@ class GptqLayout(Layout):
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
         if transforms:
             raise ArtifactError(f"the {self.name} layout has no input transforms (online rotation, pre-quant scale)",
-                                hint=REBUILD)
+                                hint=NOT_ONE_BUILD)
         w = fmt.weight
         per_word = 32 // w.dtype.bits
         groups = in_features // w.group_size if w.group_size else 1
