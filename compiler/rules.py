@@ -49,8 +49,11 @@ def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
                         group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range)
 
 
-def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource, layout: Layout,
-                 layout_loc: tuple = ("output", "layout")) -> dict[str, LayerQuant]:
+LAYOUT_LOC = ("output", "layout")
+
+
+def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source: SpecSource, layout: Layout
+                 ) -> dict[str, LayerQuant]:
     """Each planned layer's format, with weight scales in the dtype `layout` stores; a format or
     shape the layout cannot hold is a SpecError at the line that chose it."""
     paths = [layer.path for layer in layers]
@@ -112,10 +115,10 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
         if problem := layout.format_problem(fmt) or layout.shape_problem(fmt, layer.in_features, layer.out_features):
             raise SpecError(f"{layer.path} cannot be stored in the {layout.name} layout: {problem}", where=where,
                             hint=f"exclude the layer, change its format, or choose another output.layout "
-                                 f"(set at {source.where(layout_loc)})")
+                                 f"(set at {source.where(LAYOUT_LOC)})")
         plan[layer.path] = LayerQuant(layer.path, fmt, tuple(applied), algorithm)
     if problem := layout.plan_problem(plan, [layer.path for layer in layers]):
         path, why = problem
-        raise SpecError(f"{path} does not fit the {layout.name} layout: {why}", where=source.where(layout_loc),
+        raise SpecError(f"{path} does not fit the {layout.name} layout: {why}", where=source.where(LAYOUT_LOC),
                         hint="give the layers one format, or choose output.layout: quark, which holds any mix")
     return plan

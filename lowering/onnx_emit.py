@@ -44,7 +44,7 @@ OPSET = 21  # blocked DequantizeLinear (int4 groups) and FP8 QDQ need 21
 # Initializers of more bytes than this go to ONNX_DATA: protobuf cannot serialize a message
 # over 2 GiB, and the graph itself needs some room.
 EXTERNAL_DATA_ABOVE = (2 << 30) - (64 << 20)
-
+PACKED_INT4 = {int(ir.DataType.INT4): ml_dtypes.int4, int(ir.DataType.UINT4): ml_dtypes.uint4}
 
 
 def onnx_type(q: QDType) -> ir.DataType:
@@ -53,7 +53,6 @@ def onnx_type(q: QDType) -> ir.DataType:
 
 def numpy_type(q: QDType):
     return getattr(np, q.spec.numpy_type, None) or getattr(ml_dtypes, q.spec.numpy_type)
-PACKED_INT4 = {int(ir.DataType.INT4): ml_dtypes.int4, int(ir.DataType.UINT4): ml_dtypes.uint4}
 
 
 def _zero(q: QDType):

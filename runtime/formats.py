@@ -70,6 +70,12 @@ class QDType(str, enum.Enum):
     def storage(self) -> torch.dtype:
         return self.spec.storage
 
+    @property
+    def stored_as_twin(self) -> bool:
+        """Whether checkpoints hold these codes as another float type's bits (E4M3FNUZ as E4M3FN,
+        worth twice as much: numerics.fnuz_to_fn; a stored scale halves)."""
+        return self.spec.is_float and self.spec.checkpoint_dtype != self.spec.storage
+
 
 CODE_SPECS = {
     QDType.int8: CodeSpec(8, False, -128, 127, torch.int8, "INT8", "int8", torch.int8),

@@ -92,7 +92,7 @@ class CompressedTensorsLayout(Layout):
         out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
         codes, scale, zero = tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point")
         if w.dtype.is_float:
-            if w.dtype.spec.checkpoint_dtype != w.dtype.storage:  # E4M3FNUZ as its E4M3FN twin
+            if w.dtype.stored_as_twin:  # E4M3FNUZ as its E4M3FN twin
                 codes, scale = numerics.fnuz_to_fn(codes, scale)
         else:
             codes = codes.to(torch.int16) - _shift(w)
@@ -107,7 +107,7 @@ class CompressedTensorsLayout(Layout):
             out["weight_zero_point"] = _stored_scale(zero.to(torch.int16) - _shift(w), w).to(torch.int8).contiguous()
         if x is not None and not x.dynamic:
             input_scale = tensors["input_scale"]
-            if x.dtype.is_float and x.dtype.spec.checkpoint_dtype != x.dtype.storage:
+            if x.dtype.stored_as_twin:
                 input_scale = input_scale / 2  # the input's codes are read as E4M3FN too: worth twice
             out["input_scale"] = input_scale.reshape(1).float()
             if not x.symmetric:
@@ -124,7 +124,7 @@ class CompressedTensorsLayout(Layout):
         else:
             codes = tensors["weight"]
         if w.dtype.is_float:
-            if w.dtype.spec.checkpoint_dtype != w.dtype.storage:
+            if w.dtype.stored_as_twin:
                 codes, scale = numerics.fn_to_fnuz(codes, scale)
         else:
             codes = (codes.to(torch.int16) + _shift(w)).to(w.dtype.storage)
@@ -134,7 +134,7 @@ class CompressedTensorsLayout(Layout):
             out["weight_zero_point"] = _graph_shaped(z, w).contiguous()
         if x is not None and not x.dynamic:
             input_scale = tensors["input_scale"].reshape(())
-            if x.dtype.is_float and x.dtype.spec.checkpoint_dtype != x.dtype.storage:
+            if x.dtype.stored_as_twin:
                 input_scale = input_scale * 2
             out["input_scale"] = input_scale
             if not x.symmetric:

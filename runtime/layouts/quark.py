@@ -34,7 +34,7 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
     """One layer's graph buffers (keys 'weight', 'weight_scale', ...) in artifact form."""
     out = dict(tensors)
     for role, tf, scale_key, zp_key in _stored_tensors(fmt):
-        if _stored_as_twin(tf):
+        if tf.dtype.stored_as_twin:
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fnuz_to_fn(out["weight"], out[scale_key])
             else:
@@ -45,11 +45,6 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
             out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key])
     return out
-
-
-def _stored_as_twin(tf: TensorFormat) -> bool:
-    """Whether the codes are stored as another float type's (E4M3FNUZ as E4M3FN: the scale halves)."""
-    return tf.dtype.is_float and tf.dtype.spec.checkpoint_dtype != tf.dtype.storage
 
 
 def artifact_code_dtype(dtype: QDType) -> torch.dtype:
@@ -107,7 +102,7 @@ def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> d
         if role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = unpack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key], tf.dtype)
-        if _stored_as_twin(tf):
+        if tf.dtype.stored_as_twin:
             if role == "weight":
                 out["weight"], out[scale_key] = numerics.fn_to_fnuz(out["weight"], out[scale_key])
             else:
