@@ -61,13 +61,24 @@ $(CT_STAMP): constraints.txt
 	$(CT_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors 'compressed-tensors==0.20.*'
 	touch $@
 
+# bitsandbytes (NF4/FP4 and LLM.int8; its CPU backend runs here), for the bitsandbytes layout's
+# conformance tests.
+BNB_VENV ?= .venv-bnb
+BNB_STAMP := $(BNB_VENV)/.installed
+
+$(BNB_STAMP): constraints.txt
+	$(PYTHON) -m venv $(BNB_VENV)
+	$(BNB_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BNB_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors accelerate 'bitsandbytes==0.50.*'
+	touch $@
+
 $(GPTQ_STAMP): constraints.txt
 	$(PYTHON) -m venv $(GPTQ_VENV)
 	$(GPTQ_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(GPTQ_VENV)/bin/python -m pip install -q -c constraints.txt transformers safetensors optimum 'gptqmodel==7.6.*'
 	touch $@
 
-conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP) $(GPTQ_STAMP) $(CT_STAMP)
+conformance-setup: $(QUARK_STAMP) $(ORT122_STAMP) $(LMEVAL_STAMP) $(GPTQ_STAMP) $(CT_STAMP) $(BNB_STAMP)
 
 # Builds the FP8 + KV-cache spec on a built-in tiny model, shows the report, checks the reload.
 demo: setup
@@ -79,7 +90,7 @@ demo: setup
 test: setup conformance-setup
 	QFX_QUARK_PYTHON=$(abspath $(QUARK_VENV))/bin/python QFX_ORT122_PYTHON=$(abspath $(ORT122_VENV))/bin/python \
 		QFX_LMEVAL_PYTHON=$(abspath $(LMEVAL_VENV))/bin/python QFX_GPTQ_PYTHON=$(abspath $(GPTQ_VENV))/bin/python \
-		QFX_CT_PYTHON=$(abspath $(CT_VENV))/bin/python \
+		QFX_CT_PYTHON=$(abspath $(CT_VENV))/bin/python QFX_BNB_PYTHON=$(abspath $(BNB_VENV))/bin/python \
 		$(PY) -m pytest -q
 
 test-fast: setup

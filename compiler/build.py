@@ -192,6 +192,8 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
                             hint=_no_linear_hint(gm))
         layout = layout_named(cfg.output.layout.value if cfg.output is not None else DEFAULT_LAYOUT)
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source, layout)
+        if _wants_onnx(cfg):
+            check_onnx_formats(plan, loaded.source)
         if not plan:
             raise UserError(f"the spec quantizes none of the {len(linears)} linear layers of {_model_name(bundle)}",
                             hint="every layer is excluded or has all its tensors set to null; check "
@@ -428,6 +430,17 @@ def _warn_of_input_transforms(layers: dict) -> None:
             f"{len(transformed)} layers ({transformed[0]}, ...) transform their input before quantizing it "
             f"({', '.join(kinds)}): qfx.runtime and ONNX run these artifacts; Quark-format loaders (vLLM, "
             "transformers through amd-quark) do not"), stacklevel=2)
+
+
+def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:
+    """Refuse, before any work, an ONNX artifact for a format ONNX has no type for."""
+    for path, quant in plan.items():
+        for role, tf in quant.fmt.tensors.items():
+            if tf.dtype.spec.onnx_type is None:
+                raise SpecError(f"output.formats asks for onnx, and {path}'s {role} is {tf.dtype.value}, which ONNX has "
+                                "no type for", where=source.where(("output", "formats")),
+                                hint="drop onnx from output.formats (the safetensors artifact and the lowered program "
+                                     "still run it), or quantize to int4 for ONNX")
 
 
 def check_layout_transforms(layout: Layout, transforms: dict[str, list[str]]) -> None:

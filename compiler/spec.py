@@ -25,6 +25,7 @@ class DType(str, enum.Enum):
     int4 = "int4"
     uint4 = "uint4"
     fp8_e4m3 = "fp8_e4m3"  # E4M3FNUZ on gfx942, OCP E4M3FN elsewhere
+    nf4 = "nf4"  # NormalFloat4 weights (bitsandbytes, QLoRA), per_group: the group's absmax is its scale
 
 
 class Target(str, enum.Enum):
@@ -71,8 +72,8 @@ class TensorScheme(_Model):
             raise ValueError("per_token is dynamic (scales computed at run time); remove `observer`")
         if self.dtype in (DType.uint8, DType.uint4) and self.symmetric:
             raise ValueError(f"{self.dtype.value} is unsigned, so asymmetric: set symmetric: false")
-        if self.dtype is DType.fp8_e4m3 and not self.symmetric:
-            raise ValueError("fp8_e4m3 has no zero point: it is symmetric only")
+        if self.dtype in (DType.fp8_e4m3, DType.nf4) and not self.symmetric:
+            raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
         return self
@@ -300,6 +301,7 @@ class CheckpointLayout(str, enum.Enum):
     gptq = "gptq"  # GPTQ v1 (AutoGPTQ, GPTQModel): transformers through optimum + gptqmodel, vLLM
     gptq_v2 = "gptq_v2"  # GPTQ with true zero points: asymmetric weights
     compressed_tensors = "compressed-tensors"  # llm-compressor: transformers through compressed-tensors, vLLM
+    bitsandbytes = "bitsandbytes"  # NF4 weights: transformers through bitsandbytes (load_in_4bit checkpoints)
 
 
 class OnnxOptions(_Model):
@@ -316,7 +318,8 @@ class Output(_Model):
     layout: CheckpointLayout = Field(default=CheckpointLayout.quark,
                                      description="the layout of model.safetensors and its config.json: quark, gptq "
                                                  "(weight-only int4/int8, symmetric), gptq_v2 (also asymmetric) "
-                                                 "or compressed-tensors (int4/int8 weight-only, W8A8 int8, FP8)")
+                                                 "compressed-tensors (int4/int8 weight-only, W8A8 int8, FP8) or "
+                                                 "bitsandbytes (nf4 weight-only)")
 
     @field_validator("formats")
     @classmethod
@@ -486,7 +489,7 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
         return None
     if scheme.reduce_range:
         return "reduce_range applies to weights; activations keep the full int8 range"
-    if scheme.dtype in (DType.int4, DType.uint4):
+    if scheme.dtype in (DType.int4, DType.uint4, DType.nf4):
         return f"{scheme.dtype.value} activations are not supported; use int8 or fp8_e4m3, or null for weight-only"
     if g in (Granularity.per_channel, Granularity.per_group):
         return f"{g.value} activations are not supported; use per_tensor (static) or per_token (dynamic)"

@@ -94,7 +94,7 @@ class Awq(SmoothQuant):
             params = clipped_qparams(w, x, fmt) if self.clip else weight_qparams(w, fmt)
             axis = weight_axis(fmt)
             codes = quantize(w, *params, fmt.dtype, axis, fmt.group_size)
-            ctx.quantized_weights[quant.module] = (codes, *params)
+            ctx.keep_codes(quant.module, codes, *params, fmt.dtype)
             unfolded = w.float() if t is None else w.float() / t.float()
             rtn = fake_quantize(unfolded, *weight_qparams(unfolded, fmt), fmt.dtype, axis, fmt.group_size)
             ours = dequantize(codes, *params, fmt.dtype, axis, fmt.group_size)

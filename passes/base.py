@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 import torch.fx
 
-from qfx.runtime.formats import LayerQuant
+from qfx.runtime.formats import LayerQuant, QDType
 
 
 @dataclasses.dataclass
@@ -25,8 +25,9 @@ class PassContext:
     facts: what the passes so far have established (checked against `requires`).
     float_weights: module path -> the float weight `convert` quantized (after any fold), the
         reference of the artifact's weight SQNR.
-    quantized_weights: module path -> (codes, scale, zero point) a weight algorithm chose for
-        that layer, which convert stores instead of rounding the float weight to nearest.
+    quantized_weights: module path -> the codes and qparams a weight algorithm chose for that
+        layer (keep_codes / take_codes), which convert stores instead of rounding the float weight
+        to nearest.
     """
 
     plan: dict[str, LayerQuant]
@@ -37,8 +38,51 @@ class PassContext:
     facts: set[str] = dataclasses.field(default_factory=set)
     stats: dict[str, dict] = dataclasses.field(default_factory=dict)
     float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    quantized_weights: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = \
-        dataclasses.field(default_factory=dict)
+    quantized_weights: dict[str, HeldCodes] = dataclasses.field(default_factory=dict)
+
+    def keep_codes(self, module: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   qdtype: QDType) -> None:
+        self.quantized_weights[module] = HeldCodes.hold(codes, scale, zero_point, qdtype)
+
+    def take_codes(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(codes, scale, zero point) kept for `module`, handed over once; None if none were kept."""
+        held = self.quantized_weights.pop(module, None)
+        return None if held is None else held.release()
+
+
+@dataclasses.dataclass
+class HeldCodes:
+    """A weight algorithm's codes while they wait for convert: every layer's wait for the end of
+    the algorithm's pass, so codes of four bits or fewer are held two to a byte (at int4 this
+    halves the largest thing the pass accumulates)."""
+
+    codes: torch.Tensor  # as quantize returns them, or nibbles packed low first into uint8
+    shape: torch.Size
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    qdtype: QDType
+    packed: bool
+
+    @classmethod
+    def hold(cls, codes, scale, zero_point, qdtype: QDType) -> HeldCodes:
+        stored, packed = codes, not qdtype.is_float and qdtype.bits <= 4
+        if packed:  # byte-wide temporaries only: the codes' own bits, two's complement
+            nibbles = codes.reshape(-1).view(torch.uint8) & 0xF
+            if nibbles.numel() % 2:
+                nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+            stored = nibbles[0::2] | (nibbles[1::2] << 4)
+        return cls(stored, codes.shape, scale, zero_point, qdtype, packed)
+
+    def release(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        codes = self.codes
+        if self.packed:
+            if self.qdtype.is_signed:  # an arithmetic shift right sign-extends each nibble
+                low, high = (codes << 4).view(torch.int8) >> 4, codes.view(torch.int8) >> 4
+            else:
+                low, high = codes & 0xF, codes >> 4
+            codes = torch.stack([low, high], dim=1).reshape(-1)[:self.shape.numel()]
+            codes = codes.to(self.qdtype.storage).reshape(self.shape)
+        return codes, self.scale, self.zero_point
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Convert(Pass):
                                       hint="exclude this layer (tied weights are kept in float)")
                 w = getattr(edit.owner, weight_node.target.rsplit(".", 1)[1])
                 ctx.float_weights[quant.module] = w.detach()
-                chosen = ctx.quantized_weights.pop(quant.module, None)  # a weight algorithm's codes
+                chosen = ctx.take_codes(quant.module)  # a weight algorithm's codes
                 codes, scale, zero_point = chosen if chosen is not None else quantize_weight(w.detach(), fmt.weight)
                 with graph.inserting_before(linear):
                     codes_node = edit.buffer(weight_node.target.rsplit(".", 1)[1], codes)

@@ -41,6 +41,7 @@ from qfx.passes.weight_algorithm import taken_and_left
 from qfx.runtime.errors import PassFailure
 from qfx.runtime.evaluate import relative_error
 from qfx.runtime.formats import Granularity, TensorFormat
+from qfx.runtime.memory import release_memory
 from qfx.runtime.numerics import fake_quantize, quantize, weight_axis, weight_qparams
 
 DAMP_MAX = 1.0
@@ -158,26 +159,19 @@ def static_grid(qparams: list[tuple[torch.Tensor, torch.Tensor | None]], rows: l
                       [j // fmt.group_size if grouped else 0 for j in range(columns)])
 
 
-def rounded_to_nearest(w: torch.Tensor, grid: StaticGrid, fmt: TensorFormat) -> torch.Tensor:
-    """RTN of w on `grid` (what convert would store without an algorithm), float32."""
-    scale = grid.scales.T
-    zero = None if grid.zeros is None else grid.zeros.T
-    if fmt.granularity is Granularity.per_group:
-        return fake_quantize(w, scale, zero, fmt.dtype, 1, fmt.group_size)
-    return fake_quantize(w, scale, zero, fmt.dtype)  # [out, 1] broadcasts along the row
-
-
-def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order: torch.Tensor | None,
+def gptq_columns(weights: list[torch.Tensor], factor: torch.Tensor, grid: StaticGrid, order: torch.Tensor | None,
                  fmt: TensorFormat, block_size: int) -> torch.Tensor:
-    """The dequantized GPTQ weight of w ([out, in]), its columns visited in `order` (None: as they
-    are; `factor` is in visiting order), each rounded on its own static grid.
+    """The dequantized GPTQ weight of `weights` stacked along their rows ([out, in]), its columns
+    visited in `order` (None: as they are; `factor` is in visiting order), each rounded on its
+    own static grid.
 
     Works on the transpose, so that a column of w is a contiguous row: the rank-1 updates inside
     a block of columns then stream through memory, and the block's error reaches the columns
-    after it in one matrix product."""
-    visit = list(range(w.shape[1])) if order is None else order.tolist()
-    wt = (w.T if order is None else w.T[order]).float().contiguous()  # one copy, in visiting order
-    out = torch.empty_like(wt)
+    after it in one matrix product. The working copy is built weight by weight and the result
+    is written in the input's column order: no stacked copy and no permuted copy is made."""
+    visit = list(range(weights[0].shape[1])) if order is None else order.tolist()
+    wt = torch.cat([(w.T if order is None else w.T[order]).float() for w in weights], dim=1)
+    out = torch.empty_like(wt)  # row j: input column j, whenever it is visited
     qmin, qmax = fmt.qmin, fmt.qmax
     k = wt.shape[0]
     for start in range(0, k, block_size):
@@ -188,7 +182,7 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
         for sub_start in range(0, end - start, SUB_BLOCK):
             sub_end = min(sub_start + SUB_BLOCK, end - start)
             for i in range(sub_start, sub_end):
-                column, q, error = block[i], out[start + i], errors[i]
+                column, q, error = block[i], out[visit[start + i]], errors[i]
                 group = grid.group_of[visit[start + i]]
                 s = grid.scales[group]
                 torch.div(column, s, out=q).round_()
@@ -201,7 +195,7 @@ def gptq_columns(w: torch.Tensor, factor: torch.Tensor, grid: StaticGrid, order:
                 block[i + 1:sub_end].addr_(f[i, i + 1:sub_end], error, alpha=-1)
             block[sub_end:].addmm_(f[sub_start:sub_end, sub_end:].T, errors[sub_start:sub_end], alpha=-1)
         wt[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
-    return (out if order is None else out[torch.argsort(order)]).T
+    return out.T
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, reference: torch.Tensor | None = None) -> float:
@@ -276,17 +270,16 @@ class Gptq(Pass):
         fmt = get_quant(group[0]).fmt.weight
         order, factor, damp, dead = invert_hessian(accumulate_hessian(inputs), self.damp, self.act_order,
                                                    " and ".join(names))
+        release_memory()  # the Hessian's K x K temporaries, before the column loop's
         rows = sample_rows(inputs, ERROR_ROWS)
         weights = [get_tensor(gm, n.args[1].target).detach() for n in group]
         qparams = [weight_qparams(w, fmt) for w in weights]  # static groups: fixed before any column moves
         sizes = [w.shape[0] for w in weights]
-        stacked = torch.cat([w.float() for w in weights])
-        grid = static_grid(qparams, sizes, stacked.shape[1], fmt)
+        grid = static_grid(qparams, sizes, weights[0].shape[1], fmt)
         references = [rows @ w.float().T for w in weights]
-        rtn_errors = [output_error(w, r, rows, ref) for w, r, ref in
-                      zip(weights, rounded_to_nearest(stacked, grid, fmt).split(sizes), references)]
-        q = gptq_columns(stacked, factor, grid, order, fmt, self.block_size)
-        del stacked
+        rtn_errors = [output_error(w, fake_quantize(w, *p, fmt.dtype, weight_axis(fmt), fmt.group_size), rows, ref)
+                      for w, p, ref in zip(weights, qparams, references)]
+        q = gptq_columns(weights, factor, grid, order, fmt, self.block_size)
         new = {}
         for node, name, w, params, q_rows, rtn_error, ref in zip(group, names, weights, qparams, q.split(sizes),
                                                                  rtn_errors, references):
@@ -294,6 +287,6 @@ class Gptq(Pass):
                              "output_error": {"rtn": round(rtn_error, 6),
                                               "gptq": round(output_error(w, q_rows, rows, ref), 6)}}
             codes = quantize(q_rows, *params, fmt.dtype, weight_axis(fmt), fmt.group_size)
-            ctx.quantized_weights[name] = (codes, *params)
+            ctx.keep_codes(name, codes, *params, fmt.dtype)
             new[node] = q_rows.to(w.dtype)
         return new

@@ -145,7 +145,7 @@ class Hqq(Pass):
             axis = weight_axis(fmt)
             rtn = fake_quantize(w, *start, fmt.dtype, axis, fmt.group_size)
             codes = quantize(w, scale, zero, fmt.dtype, axis, fmt.group_size)
-            ctx.quantized_weights[quant.module] = (codes, scale, zero)
+            ctx.keep_codes(quant.module, codes, scale, zero, fmt.dtype)
             ours = dequantize(codes, scale, zero, fmt.dtype, axis, fmt.group_size)
             records[quant.module] = {"name": self.name, "options": self.options(), "iterations": ran,
                                      "weight_error": {"rtn": round(relative_error(w, rtn), 6),

@@ -31,7 +31,7 @@ from qfx.runtime.qlinear import QLINEAR_FP8, QLINEAR_W4A16, QLINEAR_W8A8
 
 
 def _int8(q: QDType) -> bool:
-    return not q.is_float and q.bits == 8
+    return q.is_integer and q.bits == 8
 
 
 def _fp8(q: QDType) -> bool:
@@ -151,7 +151,7 @@ def fused_call(gm, linear: torch.fx.Node) -> tuple | str:
             return found
         x, codes, w_scale, bias, scale, _, qdtype = found  # FP8 has no zero point
         return QLINEAR_FP8, (x, codes, w_scale, bias, scale, qdtype)
-    if q.bits == 4 and not q.is_float:
+    if q.bits == 4 and q.is_integer:
         found = w4a16_arguments(gm, linear)
         return found if isinstance(found, str) else (QLINEAR_W4A16, found)
     return f"its weight is {w_qdtype}: no fused op for it yet"

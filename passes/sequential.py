@@ -1,9 +1,11 @@
 """Run a graph node by node over all calibration batches, handing a weight algorithm each
 chosen linear's inputs (every batch) before the linear runs.
 
-Each node runs once per batch, in graph order, and each value is freed after its last reader,
-so memory holds the live activations of all batches (samples x seq x hidden per live tensor)
-plus what the algorithm keeps, and time is one forward pass over the data: linear in depth,
+Each node runs once per batch, in graph order, and each value is freed after its last reader.
+The stretch between two chosen linears runs batch by batch, so memory holds every batch's copy
+only of the values that cross a chosen linear (samples x seq x hidden each: the residual
+stream, the chosen inputs) plus what the algorithm keeps, and time is one forward pass over the
+data: linear in depth,
 where re-running the graph up to each layer would be quadratic. A layer's weight is needed
 only while its own node runs, the door to streaming models larger than memory.
 
@@ -55,31 +57,43 @@ def run_sequential(gm: torch.fx.GraphModule, batches: list[tuple], linears: list
     bar = tqdm(total=max(len(blocks), 1), desc=desc, unit="block", disable=not sys.stderr.isatty(), leave=False)
     current_block = None
     with torch.no_grad():
-        for node in order[:stop + 1]:
-            if node.op == "placeholder":
-                for env, batch in zip(envs, batches):
-                    env[node] = batch[position[node]]
-                continue
-            if node.op == "output":
-                break
-            if node in chosen:
-                block = block_of(node, root_prefix)
+        for segment in segments(order[:stop + 1], chosen):
+            head = segment[0]
+            if head in chosen:
+                block = block_of(head, root_prefix)
                 if block != current_block and current_block is not None:
                     bar.update(1)
                 current_block = block
-                weight = algorithm(node, [env[node.args[0]] for env in envs])
+                weight = algorithm(head, [env[head.args[0]] for env in envs])
                 release_memory()  # the algorithm's temporaries are as large as the layer
                 if sequential:
                     for env in envs:  # the weight's get_attr has this linear as its only reader
-                        env[node.args[1]] = weight
-            for env in envs:
-                if get_role(node) in IDENTITY_ROLES and node not in recorders:
-                    env[node] = env[node.args[0]]
-                else:
-                    interpreter.env = env
-                    env[node] = interpreter.run_node(node)
-            for source in freed_by.get(node, ()):
-                for env in envs:
-                    env.pop(source, None)
+                        env[head.args[1]] = weight
+                del weight  # else it would outlive its linear until the next algorithm call
+            # Batch by batch up to the next chosen linear: only the values that cross a segment
+            # are held for every batch at once, not the intermediates inside it (the MLP's).
+            for env, batch in zip(envs, batches):
+                interpreter.env = env
+                for node in segment:
+                    if node.op == "placeholder":
+                        env[node] = batch[position[node]]
+                    elif get_role(node) in IDENTITY_ROLES and node not in recorders:
+                        env[node] = env[node.args[0]]
+                    else:
+                        env[node] = interpreter.run_node(node)
+                    for source in freed_by.get(node, ()):
+                        env.pop(source, None)
     bar.update(bar.total - bar.n)
     bar.close()
+
+
+def segments(nodes: list[torch.fx.Node], chosen: set[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+    """`nodes` (an output node ends them) cut before every chosen linear."""
+    cut: list[list[torch.fx.Node]] = [[]]
+    for node in nodes:
+        if node.op == "output":
+            break
+        if node in chosen and cut[-1]:
+            cut.append([])
+        cut[-1].append(node)
+    return [s for s in cut if s]

@@ -17,8 +17,8 @@ def why_rounded_to_nearest(node: torch.fx.Node, algorithm: str) -> str | None:
         return "weight not quantized"
     if quant.algorithm not in (None, algorithm):
         return f"a rule chose {quant.algorithm}"
-    if quant.fmt.weight.dtype.is_float:
-        return "FP8 weights are rounded to nearest"
+    if not quant.fmt.weight.dtype.is_integer:
+        return f"{quant.fmt.weight.dtype.value} weights are rounded to nearest"
     if weight.op != "get_attr" or len(weight.users) > 1:
         return "weight computed in the graph or shared with other nodes (tied)"
     return None

@@ -22,13 +22,16 @@ class CodeSpec:
     qmin: float
     qmax: float
     storage: torch.dtype  # what holds one code in a graph (4-bit codes sit unpacked in 8 bits)
-    onnx_type: str  # the onnx_ir DataType member
+    onnx_type: str | None  # the onnx_ir DataType member; None: ONNX has no such type
     numpy_type: str | None  # numpy / ml_dtypes type of an initializer; None: 4-bit, packed by the emitter
     # The dtype a checkpoint holds the codes in when the layout stores them unpacked (None: packed
     # by the layout). E4M3FNUZ has no safetensors dtype: its codes are stored as their E4M3FN twins.
     checkpoint_dtype: torch.dtype | None
     min_exponent: int | None = None  # float formats: the exponent of the smallest normal value
     native_max: float | None = None  # where the type itself saturates above qmax (qfx caps the range)
+    # Non-uniform formats: code i stands for table[i] x scale (ascending, in [qmin, qmax]); a value
+    # x is coded as the nearest entry to x * (1 / scale), a tie going to the lower entry.
+    table: tuple[float, ...] | None = None
 
 
 class QDType(str, enum.Enum):
@@ -41,6 +44,7 @@ class QDType(str, enum.Enum):
     # code has an exact OCP E4M3FN twin: safetensors stores FN (what Quark and vLLM load,
     # vLLM converting back on MI300 by doubling the scale), and both must compute the same.
     fp8_e4m3fnuz = "fp8_e4m3fnuz"
+    nf4 = "nf4"  # NormalFloat4 (QLoRA): 16 quantiles of a normal distribution, scaled by the block's absmax
 
     @property
     def spec(self) -> CodeSpec:
@@ -49,6 +53,16 @@ class QDType(str, enum.Enum):
     @property
     def is_float(self) -> bool:
         return self.spec.is_float
+
+    @property
+    def is_integer(self) -> bool:
+        """Codes that are evenly spaced integers (round, clamp, zero points, integer matmul)."""
+        return not self.spec.is_float and self.spec.table is None
+
+    @property
+    def table(self) -> torch.Tensor | None:
+        """The code table as float32 (None for uniform formats)."""
+        return None if self.spec.table is None else torch.tensor(self.spec.table, dtype=torch.float32)
 
     @property
     def is_signed(self) -> bool:
@@ -86,6 +100,13 @@ CODE_SPECS = {
                                 torch.float8_e4m3fn, min_exponent=-6),
     QDType.fp8_e4m3fnuz: CodeSpec(8, True, -224.0, 224.0, torch.float8_e4m3fnuz, "FLOAT8E4M3FNUZ",
                                   "float8_e4m3fnuz", torch.float8_e4m3fn, min_exponent=-7, native_max=240.0),
+    # No ONNX type: ONNX has no NF4 (the emitter refuses it). The table is bitsandbytes' float32
+    # one, which its kernels hard-code; checkpoints hold the 4-bit indices.
+    QDType.nf4: CodeSpec(4, False, -1.0, 1.0, torch.uint8, None, None, None, table=(
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0)),
 }
 
 

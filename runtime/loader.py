@@ -133,6 +133,17 @@ def _linear(model: torch.nn.Module, path: str) -> torch.nn.Linear:
     return module
 
 
+def layer_of(name: str, layers) -> str | None:
+    """The quantized layer a checkpoint tensor belongs to, or None. A layer is a linear, which has
+    no submodules, so everything under its path is its own: layouts name some tensors with dots
+    (bitsandbytes' `weight.absmax`)."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if (path := ".".join(parts[:end])) in layers:
+            return path
+    return None
+
+
 def check_fits(model: torch.nn.Module, header: dict, manifest: dict, path: Path) -> None:
     """Every tensor of `model` outside the quantized layers is in the checkpoint with its dtype
     and shape, and the checkpoint holds nothing else (the layers are checked against their
@@ -142,7 +153,7 @@ def check_fits(model: torch.nn.Module, header: dict, manifest: dict, path: Path)
         _linear(model, layer)
     state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers and k not in tied}
     missing = [k for k in state if k not in header]
-    unexpected = [k for k in header if k not in state and k.rpartition(".")[0] not in layers]
+    unexpected = [k for k in header if k not in state and layer_of(k, layers) is None]
     if missing or unexpected:
         raise ArtifactError(f"{MODEL_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
                             where=str(path), hint="the artifact and the model are different architectures; "
@@ -184,8 +195,7 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
         fmt = LayerFormat.from_json(record["format"])
         linear = _linear(model, layer_path)
         prefix = layer_path + "."
-        layer = {k[len(prefix):]: tensors.pop(k) for k in list(tensors)
-                 if k.startswith(prefix) and "." not in k[len(prefix):]}
+        layer = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if layer_of(k, manifest["layers"]) == layer_path}
         transforms = _input_transforms(record, layer_path, folder)
         check_artifact_layer(layout, layer, fmt, linear.in_features, linear.out_features, linear.bias is not None,
                              linear.weight.dtype, layer_path, transforms)

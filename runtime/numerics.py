@@ -34,6 +34,8 @@ def broadcast_scale(scale: torch.Tensor, ndim: int, axis: int, group_size: int) 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
     s = broadcast_scale(scale, x.ndim, axis, group_size)
+    if qdtype.table is not None:
+        return table_codes(x.float() * (1 / s), qdtype)
     y = x.float() / s  # the one temporary; everything after works in place
     if qdtype.is_float:
         return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
@@ -47,6 +49,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                qdtype: QDType, axis: int = 0, group_size: int = 0,
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     s = broadcast_scale(scale, codes.ndim, axis, group_size)
+    if qdtype.table is not None:
+        return (qdtype.table[codes.long()] * s).to(out_dtype)
     y = codes.to(torch.float32, copy=True)  # the one temporary; everything after works in place
     if zero_point is not None:
         y.sub_(broadcast_scale(zero_point, codes.ndim, axis, group_size).float())
@@ -58,11 +62,21 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """dequantize(quantize(x)) in float32, bit for bit, without the codes' storage round trip
     for integer formats (their codes are small integers, exact in float32): for searches that
     quantize many candidates."""
-    if qdtype.is_float:  # the cast to FP8 is the rounding
+    if not qdtype.is_integer:  # the cast to FP8, or the table lookup, is the rounding
         return dequantize(quantize(x, scale, zero_point, qdtype, axis, group_size), scale, zero_point, qdtype,
                           axis, group_size)
     return code_offsets(x, scale, zero_point, qdtype, axis, group_size).mul_(
         broadcast_scale(scale, x.ndim, axis, group_size))
+
+
+def table_codes(normalized: torch.Tensor, qdtype: QDType) -> torch.Tensor:
+    """Indices of the nearest table entries to `normalized` (x * (1 / scale)), clamped to the
+    table's range, a tie going to the lower entry: bitsandbytes' rounding (`bucketize` on the
+    float32 midpoints), so that its quantize_4bit and qfx choose the same codes."""
+    table = qdtype.table
+    midpoints = (table[:-1] + table[1:]) / 2
+    clamped = normalized.clamp_(float(table[0]), float(table[-1]))
+    return torch.bucketize(clamped, midpoints, out_int32=True).to(qdtype.storage)
 
 
 def code_offsets(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -1,12 +1,16 @@
-"""Run by a consumer's environment (amd-quark's, GPTQModel's or compressed-tensors', not qfx's):
+"""Run by a consumer's environment (amd-quark's, GPTQModel's, compressed-tensors' or bitsandbytes', not qfx's):
 load a qfx artifact the way a user of transformers would, and write its logits for the given
 token ids.
 
 usage: python hf_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors [GPTQ_BACKEND]
 GPTQ_BACKEND (GPTQ checkpoints): the gptqmodel kernel to load with; `torch` computes in the
 model's dtype, where the default CPU kernel rounds activations to bfloat16.
+bitsandbytes: `logits` come from its exact CPU path (dequantize, then a float matmul) and
+`fast_logits` from the bfloat16 kernel it switches to on CPUs with AVX512-BF16 (the same path
+where the CPU lacks it).
 Prints JSON: what transformers reported while loading, and the module type of one layer. Writes
-the logits and, for GPTQ's linears, the [out, in] weight each one computes with (`w:NAME`)."""
+the logits and, for GPTQ's and bitsandbytes' linears, the [out, in] weight each one computes with
+(`w:NAME`)."""
 import json
 import sys
 
@@ -25,11 +29,24 @@ if len(sys.argv) > 4:
 model, info = AutoModelForCausalLM.from_pretrained(artifact, output_loading_info=True, **options)
 model.eval()
 ids = load_file(ids_path)["input_ids"]
+four_bit = {name: m for name, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+fast = {m: m.support_avx512bf16_for_cpu for m in four_bit.values()}
+for m in four_bit.values():
+    m.support_avx512bf16_for_cpu = False
 with torch.no_grad():
     logits = model(input_ids=ids, use_cache=False).logits
+extra = {}
+if four_bit:
+    import bitsandbytes.functional as F
+
+    extra = {f"w:{name}": F.dequantize_4bit(m.weight.data, m.weight.quant_state) for name, m in four_bit.items()}
+    for m, was in fast.items():
+        m.support_avx512bf16_for_cpu = was
+    with torch.no_grad():
+        extra["fast_logits"] = model(input_ids=ids, use_cache=False).logits.float().contiguous()
 weights = {f"w:{name}": module.dequantize_weight().T.contiguous() for name, module in model.named_modules()
            if hasattr(module, "dequantize_weight")}
-save_file({"logits": logits.float().contiguous(), **weights}, out_path)
+save_file({"logits": logits.float().contiguous(), **weights, **extra}, out_path)
 layer = model.model.layers[0].self_attn.k_proj
 print(json.dumps({"loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
                   "k_proj_type": type(layer).__name__,

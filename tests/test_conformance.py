@@ -1,10 +1,10 @@
 """qfx artifacts load in Hugging Face transformers through their layout's consumer, and compute
 what qfx.runtime computes: the Quark layout through amd-quark (what vLLM loads with
 quantization='quark'), the GPTQ layouts through optimum + GPTQModel, the compressed-tensors
-layout through compressed-tensors.
+layout through compressed-tensors, the bitsandbytes layout through bitsandbytes.
 
 Each consumer runs in its own environment (make conformance-setup; `make test` does it), pointed
-to by QFX_QUARK_PYTHON, QFX_GPTQ_PYTHON and QFX_CT_PYTHON, so their many dependencies never touch
+to by QFX_QUARK_PYTHON, QFX_GPTQ_PYTHON, QFX_CT_PYTHON and QFX_BNB_PYTHON, so their many dependencies never touch
 qfx's."""
 import json
 import os
@@ -13,6 +13,8 @@ import subprocess
 import pytest
 import torch
 from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT, tiny_spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import qfx
@@ -44,6 +46,7 @@ def consumer_logits(python, artifact, ids, tmp_path, *options):
     report = json.loads(run.stdout.strip().splitlines()[-1])
     outputs = load_file(str(tmp_path / "logits.safetensors"))
     report["weights"] = {k[2:]: v for k, v in outputs.items() if k.startswith("w:")}
+    report["fast_logits"] = outputs.get("fast_logits")  # bitsandbytes' bfloat16 kernel
     return outputs["logits"], report
 
 
@@ -218,3 +221,86 @@ def test_compressed_tensors_layout_of_a_real_model_loads(tmp_path):
     rel = float((theirs - ours).abs().max() / ours.abs().max())
     print(f"compressed-tensors TinyStories int4 g64 (GPTQ): max relative logits difference {rel:.3g}")
     assert rel <= 1e-3, rel
+
+
+BNB_PYTHON = os.environ.get("QFX_BNB_PYTHON")
+requires_bnb = pytest.mark.skipif(not BNB_PYTHON, reason="QFX_BNB_PYTHON is not set: run `make test`, "
+                                  "which installs bitsandbytes into .venv-bnb")
+NF4 = {"default": {"weight": {"dtype": "nf4", "granularity": "per_group", "group_size": 64}}, "exclude": ["lm_head"]}
+
+
+def nf4_layer(x: torch.Tensor, blocksize: int) -> dict[str, torch.Tensor]:
+    """x [N, K] quantized by qfx's nf4 and stored by its bitsandbytes layout."""
+    from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
+    from qfx.runtime.layouts import layout_named
+    from qfx.runtime.numerics import quantize_weight
+
+    fmt = LayerFormat(weight=TensorFormat(QDType.nf4, Granularity.per_group, group_size=blocksize))
+    codes, scale, _ = quantize_weight(x, fmt.weight)
+    return layout_named("bitsandbytes").to_artifact({"weight": codes, "weight_scale": scale}, fmt), codes, scale
+
+
+@requires_bnb
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), spread=st.floats(1e-4, 1e4), blocksize=st.sampled_from([64, 128, 256]))
+def test_nf4_numerics_are_bitsandbytes_bit_for_bit(seed, spread, blocksize, tmp_path_factory):
+    """qfx's nf4 codes, absmax and packed bytes are bitsandbytes' quantize_4bit's, and its
+    dequantize_4bit of qfx's tensors is qfx's dequantization: on random weights, a block of
+    zeros, and values at exact midpoints of the code table (the tie rule)."""
+    from qfx.runtime.formats import QDType
+
+    gen = torch.Generator().manual_seed(seed)
+    table = QDType.nf4.table
+    ties = ((table[:-1] + table[1:]) / 2).repeat(blocksize // 15 + 1)[:blocksize - 1]
+    cases = {"random": torch.randn(16, 2 * blocksize, generator=gen) * spread,
+             "zeros-and-ties": torch.cat([torch.zeros(1, blocksize), torch.cat([ties, torch.ones(1)])[None]], dim=1)}
+    tmp = tmp_path_factory.mktemp("nf4")
+    send, ours = {}, {}
+    for i, x in cases.items():
+        stored, codes, scale = nf4_layer(x, blocksize)
+        send.update({f"x:{i}": x, f"blocksize:{i}": torch.tensor(blocksize), f"packed:{i}": stored["weight"],
+                     f"absmax:{i}": stored["weight.absmax"]})
+        ours[i] = stored, dequantize(codes, scale, None, QDType.nf4, 1, blocksize)
+    save_file(send, str(tmp / "in.safetensors"))
+    run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
+                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = load_file(str(tmp / "out.safetensors"))
+    for i, (stored, deq) in ours.items():
+        assert torch.equal(theirs[f"packed:{i}"], stored["weight"]), i
+        absmax = theirs[f"absmax:{i}"]
+        # an all-zero block: bitsandbytes stores absmax 0, qfx its smallest scale (both decode to 0)
+        assert torch.equal(torch.where(absmax == 0, stored["weight.absmax"], absmax), stored["weight.absmax"]), i
+        assert torch.equal(theirs[f"deq:{i}"], deq), i
+
+
+@requires_bnb
+@pytest.mark.parametrize("which", ["tiny", "tinystories"])
+def test_bitsandbytes_nf4_loads_in_transformers(which, tmp_path):
+    if which == "tinystories" and not TINYSTORIES.is_dir():
+        pytest.skip("../shared/data/tinystories-llama-64d is absent")
+    base, vocab = model_spec() if which == "tinystories" else ({}, 256)
+    spec = dict(tiny_spec(), **base, quantization=NF4)
+    spec["output"] = {"dir": str(tmp_path / "artifact"), "layout": "bitsandbytes"}
+    result = qfx.compile(spec=spec)
+    ids = torch.randint(0, vocab, (2, 96), generator=torch.Generator().manual_seed(0))
+    theirs, report = consumer_logits(BNB_PYTHON, result.artifact_dir, ids, tmp_path)
+    assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
+                                      "error_msgs": []}, report
+    assert report["k_proj_type"] == "Linear4bit"
+    model = qfx.runtime.load(result.artifact_dir)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):  # bitsandbytes decodes qfx's weights bit for bit
+            f = module.fmt.weight
+            assert torch.equal(report["weights"][name], dequantize(module.weight, module.weight_scale, None, f.dtype,
+                                                                   weight_axis(f), f.group_size)), name
+    with torch.no_grad():
+        ours = model(ids).logits
+    rel = float((theirs - ours).abs().max() / ours.abs().max())
+    fast = float((report["fast_logits"] - ours).abs().max() / ours.abs().max())
+    # measured 0 (tiny and TinyStories): its exact CPU path is a float32 matmul of the same weights.
+    # Its bfloat16 kernel (CPUs with AVX512-BF16) rounds activations: 1.9e-3 tiny, 9.4e-2 TinyStories
+    # (AVX-512 machine); where the CPU lacks AVX512-BF16 it is the exact path. Bounded only against garbage.
+    print(f"{which}: max relative logits difference {rel:.3g}; bitsandbytes' bfloat16 kernel {fast:.3g}")
+    assert rel <= 1e-3, rel
+    assert fast <= 0.25, fast

@@ -55,12 +55,19 @@ def test_the_scan_finds_what_it_looks_for():
 def test_every_format_is_registered_consistently(qdtype):
     spec = CODE_SPECS[qdtype]
     assert qdtype.bits == spec.bits and qdtype.storage == spec.storage
-    assert qdtype.qmin == -qdtype.qmax if spec.is_float else qdtype.qmin == (-(2 ** (spec.bits - 1)) if
-                                                                              qdtype.is_signed else 0)
-    if not spec.is_float:
+    if spec.table is not None:  # a code table: one entry per code, ascending, spanning [qmin, qmax]
+        table = list(spec.table)
+        assert len(table) == 2 ** spec.bits and table == sorted(set(table))
+        assert (table[0], table[-1]) == (qdtype.qmin, qdtype.qmax) and not spec.is_float
+        assert spec.min_exponent is None and spec.native_max is None
+    elif spec.is_float:
+        assert qdtype.qmin == -qdtype.qmax
+    else:
+        assert qdtype.qmin == (-(2 ** (spec.bits - 1)) if qdtype.is_signed else 0)
+    if qdtype.is_integer:
         assert qdtype.qmax - qdtype.qmin == 2 ** spec.bits - 1
         assert spec.min_exponent is None and spec.native_max is None
-    else:  # the cap fits the type, and the type's own smallest normal is 2**min_exponent
+    elif spec.is_float:  # the cap fits the type, and the type's own smallest normal is 2**min_exponent
         info = torch.finfo(spec.storage)
         assert qdtype.qmax <= info.max == (spec.native_max or qdtype.qmax)
         assert info.tiny == 2.0 ** spec.min_exponent

@@ -26,10 +26,11 @@ def story_ids():
     return tok(TINYSTORIES_TEXT.read_text(), return_tensors="pt", verbose=False)["input_ids"][0]
 
 
-def tinystories_ppl(quantization, target, ids, algorithms=(), samples=16):
+def tinystories_ppl(quantization, target, ids, algorithms=(), samples=16, output=None):
     spec = {"version": 1, "model": {"path": str(TINYSTORIES)}, "target": target,
             "calibration": {"text": str(TINYSTORIES_TEXT), "samples": samples, "seq_len": 128},
-            "quantization": {**quantization, "exclude": ["lm_head"]}, "algorithms": list(algorithms)}
+            "quantization": {**quantization, "exclude": ["lm_head"]}, "algorithms": list(algorithms),
+            **({"output": output} if output else {})}
     result = qfx.compile(spec=spec)
     return perplexity(lambda x: result.graph(x), ids, 256)
 
@@ -45,6 +46,7 @@ def test_float_perplexity_protocol(story_ids):
 MSE_W8A8 = {"preset": "w8a8-int8", "default": {"weight": {"observer": "mse"}, "input": {"observer": "mse"}}}
 HISTOGRAM_W8A8 = {"preset": "w8a8-int8", "default": {"input": {"observer": "histogram"}}}
 W4_G64_MSE = {"preset": "w4a16-g64", "default": {"weight": {"observer": "mse"}}}
+NF4_G64 = {"default": {"weight": {"dtype": "nf4", "granularity": "per_group", "group_size": 64}}}
 ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
               "rotation": [{"rotation": {"online_down_proj": True}}],
               "gptq": [{"gptq": {}}], "hqq": [{"hqq": {}}], "awq": [{"awq": {}}]}
@@ -72,11 +74,17 @@ ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
     # no data: each group's scale refitted to its weight (RTN +25.39%): +20.34%
     ("w4a16-g64-hqq", {"preset": "w4a16-g64"}, "cpu", 22.0),
     ("w4a16-g64-mse-hqq", W4_G64_MSE, "cpu", 17.0),  # from mse's clipped ranges (alone +15.57%): +15.50%
+    # NormalFloat4 in groups of 64 (bitsandbytes layout), round to nearest: +12.94%, where int4 g64
+    # is +25.39%; its groups clipped by mse: +9.77%
+    ("nf4-g64", NF4_G64, "cpu", 15.0),
+    ("nf4-g64-mse", {"default": {"weight": {**NF4_G64["default"]["weight"], "observer": "mse"}}}, "cpu", 11.0),
 ])
-def test_tinystories_perplexity(name, quantization, target, limit_pct, story_ids):
+def test_tinystories_perplexity(name, quantization, target, limit_pct, story_ids, tmp_path):
     algorithms = ALGORITHMS.get(name.rpartition("-")[2], [])
     samples = 64 if "gptq" in name else 16
-    ppl = tinystories_ppl(quantization, target, story_ids, algorithms, samples)["perplexity"]
+    # nf4 is written in the layout that holds it
+    output = {"dir": str(tmp_path / "artifact"), "layout": "bitsandbytes"} if name.startswith("nf4") else None
+    ppl = tinystories_ppl(quantization, target, story_ids, algorithms, samples, output)["perplexity"]
     change = 100 * (ppl / FP32_PPL - 1)
     print(f"{name} on {cpu_isa()}: perplexity {ppl:.4f} ({change:+.2f}%)")
     assert change <= limit_pct

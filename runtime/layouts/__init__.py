@@ -62,12 +62,13 @@ class Layout(abc.ABC):
 
 
 def layouts() -> dict[str, Layout]:
+    from qfx.runtime.layouts.bitsandbytes import BitsAndBytesLayout
     from qfx.runtime.layouts.compressed_tensors import CompressedTensorsLayout
     from qfx.runtime.layouts.gptq import GptqLayout
     from qfx.runtime.layouts.quark import QuarkLayout
 
     return {layout.name: layout for layout in (QuarkLayout(), GptqLayout("gptq"), GptqLayout("gptq_v2"),
-                                               CompressedTensorsLayout())}
+                                               CompressedTensorsLayout(), BitsAndBytesLayout())}
 
 
 def layout_named(name: str) -> Layout:
@@ -85,6 +86,9 @@ def check_artifact_layer(layout: Layout, tensors: dict[str, torch.Tensor], fmt: 
     of the wrong dtype or shape for `fmt` and the layer's features, or a scale that is not finite
     and positive. Unpacking and running a layer with such tensors fails deep inside torch, or
     silently computes garbage."""
+    if transforms and not layout.holds_input_transforms:
+        raise ArtifactError(f"layer {where} has input transforms ({', '.join(transforms)}), which the {layout.name} "
+                            "layout has no place for", hint=NOT_ONE_BUILD)
     if problem := layout.shape_problem(fmt, in_features, out_features):
         raise ArtifactError(f"layer {where} cannot be stored in the {layout.name} layout: {problem}",
                             hint=NOT_ONE_BUILD)

@@ -62,6 +62,8 @@ class CompressedTensorsLayout(Layout):
         w, x = fmt.weight, fmt.input
         if w is None:
             return "compressed-tensors stores quantized weights: the weight must be quantized"
+        if w.dtype.table is not None:
+            return f"compressed-tensors has no {w.dtype.value} weights"
         if fmt.output is not None:
             return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
         if w.reduce_range:

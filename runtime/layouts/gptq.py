@@ -41,7 +41,7 @@ class GptqLayout(Layout):
         w = fmt.weight
         if fmt.input is not None or fmt.output is not None:
             return "GPTQ checkpoints are weight-only: the input and output must stay in float (null)"
-        if w is None or w.dtype.is_float or w.dtype.bits not in BITS:
+        if w is None or not w.dtype.is_integer or w.dtype.bits not in BITS:
             return f"GPTQ stores {'/'.join(map(str, BITS))}-bit integer weights, not {w.dtype.value if w else 'float'}"
         if w.granularity not in (Granularity.per_group, Granularity.per_channel):
             return f"GPTQ stores per_group or per_channel weight scales, not {w.granularity.value}"
@@ -124,9 +124,6 @@ class GptqLayout(Layout):
         return out
 
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
-        if transforms:
-            raise ArtifactError(f"the {self.name} layout has no input transforms (online rotation, pre-quant scale)",
-                                hint=NOT_ONE_BUILD)
         w = fmt.weight
         per_word = 32 // w.dtype.bits
         groups = in_features // w.group_size if w.group_size else 1

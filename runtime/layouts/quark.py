@@ -233,7 +233,10 @@ class QuarkLayout(Layout):
     name = "quark"
 
     def format_problem(self, fmt: LayerFormat) -> str | None:
-        return None  # every format qfx has
+        for role, tf in fmt.tensors.items():
+            if tf.dtype.table is not None:  # Quark's integer and FP8 formats, not code tables
+                return f"Quark has no {tf.dtype.value} ({role}); write it with output.layout: bitsandbytes"
+        return None
 
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
         if fmt.weight is not None and fmt.weight.dtype.bits == 4 and out_features % 8:
