@@ -24,6 +24,9 @@ class DType(str, enum.Enum):
     uint8 = "uint8"
     int4 = "int4"
     uint4 = "uint4"
+    # weight-only widths in between (compressed-tensors layout; gptq at 2 bits)
+    int2, uint2, int3, uint3 = "int2", "uint2", "int3", "uint3"
+    int5, uint5, int6, uint6, int7, uint7 = "int5", "uint5", "int6", "uint6", "int7", "uint7"
     fp8_e4m3 = "fp8_e4m3"  # E4M3FNUZ on gfx942, OCP E4M3FN elsewhere
     nf4 = "nf4"  # NormalFloat4 weights (bitsandbytes, QLoRA), per_group: the group's absmax is its scale
 
@@ -70,7 +73,7 @@ class TensorScheme(_Model):
             raise ValueError(f"group_size applies to per_group only, not {g.value}")
         if g is Granularity.per_token and self.observer is not None:
             raise ValueError("per_token is dynamic (scales computed at run time); remove `observer`")
-        if self.dtype in (DType.uint8, DType.uint4) and self.symmetric:
+        if self.dtype.value.startswith("uint") and self.symmetric:
             raise ValueError(f"{self.dtype.value} is unsigned, so asymmetric: set symmetric: false")
         if self.dtype in (DType.fp8_e4m3, DType.nf4) and not self.symmetric:
             raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
@@ -489,7 +492,7 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
         return None
     if scheme.reduce_range:
         return "reduce_range applies to weights; activations keep the full int8 range"
-    if scheme.dtype in (DType.int4, DType.uint4, DType.nf4):
+    if scheme.dtype not in (DType.int8, DType.uint8, DType.fp8_e4m3):
         return f"{scheme.dtype.value} activations are not supported; use int8 or fp8_e4m3, or null for weight-only"
     if g in (Granularity.per_channel, Granularity.per_group):
         return f"{g.value} activations are not supported; use per_tensor (static) or per_token (dynamic)"

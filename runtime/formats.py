@@ -39,6 +39,10 @@ class QDType(str, enum.Enum):
     uint8 = "uint8"
     int4 = "int4"
     uint4 = "uint4"
+    # Weight-only widths between: stored by the layouts that pack them (compressed-tensors densely;
+    # GPTQ at 2 bits); ONNX has no type for them at opset 21.
+    int2, uint2, int3, uint3 = "int2", "uint2", "int3", "uint3"
+    int5, uint5, int6, uint6, int7, uint7 = "int5", "uint5", "int6", "uint6", "int7", "uint7"
     fp8_e4m3fn = "fp8_e4m3fn"  # OCP E4M3 (gfx950, NVIDIA): max 448
     # MI300 (gfx942). Its own max is 240, but qfx caps it at 224 (= 448 / 2) so that every
     # code has an exact OCP E4M3FN twin: safetensors stores FN (what Quark and vLLM load,
@@ -96,6 +100,10 @@ CODE_SPECS = {
     QDType.uint8: CodeSpec(8, False, 0, 255, torch.uint8, "UINT8", "uint8", torch.uint8),
     QDType.int4: CodeSpec(4, False, -8, 7, torch.int8, "INT4", None, None),
     QDType.uint4: CodeSpec(4, False, 0, 15, torch.uint8, "UINT4", None, None),
+    **{QDType(f"{sign}int{bits}"): CodeSpec(bits, False, -(2 ** (bits - 1)) if sign == "" else 0,
+                                            2 ** (bits - 1) - 1 if sign == "" else 2 ** bits - 1,
+                                            torch.int8 if sign == "" else torch.uint8, None, None, None)
+       for bits in (2, 3, 5, 6, 7) for sign in ("", "u")},
     QDType.fp8_e4m3fn: CodeSpec(8, True, -448.0, 448.0, torch.float8_e4m3fn, "FLOAT8E4M3FN", "float8_e4m3fn",
                                 torch.float8_e4m3fn, min_exponent=-6),
     QDType.fp8_e4m3fnuz: CodeSpec(8, True, -224.0, 224.0, torch.float8_e4m3fnuz, "FLOAT8E4M3FNUZ",
@@ -247,7 +255,7 @@ def format_problem(fmt: LayerFormat) -> str | None:
                 return "weight is per_token, which is for activations"
             if tf.dtype.bits == 4 and not per_group:
                 return f"weight is {tf.dtype.value} {tf.granularity.value}; 4-bit weights are stored per_group"
-        elif tf.dtype.bits == 4 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
+        elif tf.dtype.bits < 8 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
             return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
         if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
             return f"{role} has reduce_range, which applies to int8 weights only"

@@ -74,7 +74,7 @@ def test_nf4_layer_is_stored_as_bitsandbytes_stores_it(tmp_path):
     ("bitsandbytes", {"preset": "w8a8-fp8"}, "bitsandbytes 4-bit checkpoints are weight-only"),
     ("bitsandbytes", {"preset": "w4a16-g64"}, "bitsandbytes stores 4-bit code-table weights \\(nf4\\) here, not int4"),
     ("quark", NF4_G64, "Quark has no nf4"),
-    ("gptq", NF4_G64, "GPTQ stores 4/8-bit integer weights, not nf4"),
+    ("gptq", NF4_G64, "GPTQ stores 2/4/8-bit integer weights, not nf4"),
     ("compressed-tensors", NF4_G64, "compressed-tensors has no nf4"),
 ])
 def test_a_format_the_layout_cannot_hold_is_refused_at_its_spec_line(tmp_path, layout, quantization, message):

@@ -89,3 +89,52 @@ def test_asymmetric_per_tensor_uint8_weights_reload_exactly(tmp_path):
     tensors = load_file(str(result.artifact_dir / "model.safetensors"))
     assert tensors["model.layers.0.mlp.up_proj.weight_zero_point"].shape == (1,)
     assert reloads_exactly(result)
+
+
+def test_widths_between_are_packed_densely_across_words(tmp_path):
+    """int3 codes straddle int32 words: code j takes bits 3j..3j+2 of the row's bit stream."""
+    result = ct_build(tmp_path, default={"weight": {"dtype": "int3", "granularity": "per_group", "group_size": 32}},
+                      exclude=["lm_head"])
+    config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert (group["weights"]["num_bits"], config["format"]) == (3, "pack-quantized")
+    tensors = load_file(str(result.artifact_dir / "model.safetensors"))
+    prefix = "model.layers.0.mlp.down_proj."  # 128 -> 64: 384 bits a row, 12 words
+    packed = tensors[prefix + "weight_packed"]
+    assert packed.shape == (64, 12)
+    codes = qfx.runtime.load(result.artifact_dir).model.layers[0].mlp.down_proj.weight
+    stream = sum(int(w) % 2**32 << (32 * i) for i, w in enumerate(packed[0].tolist()))
+    assert [(stream >> (3 * j)) & 7 for j in range(128)] == [int(c) + 4 for c in codes[0]]
+    assert reloads_exactly(result)
+
+
+def test_a_weight_shape_that_does_not_fit_its_packed_codes_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from qfx.runtime.errors import ArtifactError
+
+    result = ct_build(tmp_path, default={"weight": {"dtype": "int3", "granularity": "per_group", "group_size": 32}},
+                      exclude=["lm_head"])
+    path = result.artifact_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.down_proj.weight_shape"] = torch.tensor([64, 96])
+    save_file(tensors, str(path))
+    with pytest.raises(ArtifactError, match=r"weight_shape \[64, 96\] does not fit weight_packed \[64, 12\]"):
+        qfx.runtime.load(result.artifact_dir, verify_hashes=False)  # as if resealed by whoever edited it
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("quark", "Quark stores 4- and 8-bit integers, not int3"),
+    ("gptq", "GPTQ stores 2/4/8-bit integer weights, not int3"),
+])
+def test_widths_a_layout_cannot_pack_are_refused(tmp_path, layout, message):
+    spec = tiny_spec(default={"weight": {"dtype": "int3", "granularity": "per_group", "group_size": 32}},
+                     exclude=["lm_head"])
+    spec.update(output={"dir": str(tmp_path / "artifact"), "layout": layout})
+    with pytest.raises(SpecError, match=message):
+        qfx.compile(spec=spec)
+
+
+def test_widths_below_8_bits_are_weight_only():
+    with pytest.raises(SpecError, match="int3 activations are not supported"):
+        qfx.compile(spec=tiny_spec(default={"input": {"dtype": "int3"}}))

@@ -116,6 +116,7 @@ GPTQ_SCHEMES = {  # name: (layout, quantization, gptq options)
     "uint4-asym-g128-v2": ("gptq_v2", {"preset": "w4a16-g128",
                                        "default": {"weight": {"dtype": "uint4", "symmetric": False}}}, {}),
     "int8-per-channel": ("gptq", {"default": {"weight": {"dtype": "int8", "granularity": "per_channel"}}}, {}),
+    "int2-g64": ("gptq", {"default": {"weight": {"dtype": "int2", "granularity": "per_group", "group_size": 64}}}, {}),
 }
 
 
@@ -180,6 +181,10 @@ def test_gptq_layout_of_a_real_model_loads_through_gptqmodel(tmp_path):
 
 CT_SCHEMES = {  # name: (target, quantization, tolerance): measured 0 (bit-identical logits) unless said
     "int4-g128": ("cpu", {"preset": "w4a16-g128"}, 1e-3),
+    # widths that straddle int32 words (packed densely), and the smallest
+    "int3-g64": ("cpu", {"default": {"weight": {"dtype": "int3", "granularity": "per_group", "group_size": 64}}}, 1e-3),
+    "int6-per-channel": ("cpu", {"default": {"weight": {"dtype": "int6", "granularity": "per_channel"}}}, 1e-3),
+    "int2-g32": ("cpu", {"default": {"weight": {"dtype": "int2", "granularity": "per_group", "group_size": 32}}}, 1e-3),
     "w8a8-int8-static": ("cpu", {"preset": "w8a8-int8"}, 1e-3),
     "fp8-gfx950": ("gfx950", {"preset": "w8a8-fp8"}, 1e-3),
     "fp8-gfx942": ("gfx942", {"preset": "w8a8-fp8"}, 1e-3),  # FNUZ codes stored as their E4M3FN twins

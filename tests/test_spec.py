@@ -63,8 +63,8 @@ def test_wrong_type_and_bad_enum_name_the_field(tmp_path):
     msg = error_of(tmp_path, GOOD.replace("calibration: {synthetic: true}",
                                           "calibration: {synthetic: true, samples: many}"))
     assert "spec.yaml:4:32: calibration.samples" in msg and "integer" in msg
-    msg = error_of(tmp_path, GOOD.replace("preset: w8a8-int8", "default:\n    weight: {dtype: int3}"))
-    assert "quantization.default.weight.dtype" in msg and "'int8'" in msg and "int3" in msg
+    msg = error_of(tmp_path, GOOD.replace("preset: w8a8-int8", "default:\n    weight: {dtype: int9}"))
+    assert "quantization.default.weight.dtype" in msg and "'int8'" in msg and "int9" in msg
 
 
 def test_cross_field_errors(tmp_path):

@@ -2,9 +2,10 @@
 compressed-tensors) and vLLM load.
 
 Per quantized linear (N outputs, K inputs, G groups along K), by the format of its group:
-- `pack-quantized` (integer weights, float inputs): `weight_packed` int32 [N, K*b/32], codes made
-  unsigned (compressed-tensors keeps signed codes and adds 2**(b-1) when it packs) and packed
-  along K lowest bits first; `weight_shape` int64 [2]. Symmetric only: compressed-tensors packs
+- `pack-quantized` (integer weights of 2 to 8 bits, float inputs): `weight_packed` int32
+  [N, ceil(K*b/32)], codes made unsigned (compressed-tensors keeps signed codes and adds 2**(b-1)
+  when it packs) and packed densely along K, lowest bits first, a code straddling two words split
+  between them; `weight_shape` int64 [2]. Symmetric only: compressed-tensors packs
   asymmetric zero points along N, which its transformers loader cannot read back (format_problem);
 - `int-quantized` (int8 weights and inputs) and `float-quantized` (FP8): `weight` in its code
   dtype (signed int8; FP8 as E4M3FN), `weight_zero_point` int8 when asymmetric;
@@ -21,9 +22,10 @@ import collections
 import torch
 
 from qfx.runtime import numerics
+from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, TensorFormat
-from qfx.runtime.layouts import Layout
-from qfx.runtime.layouts.packing import pack_along, unpack_along
+from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
+from qfx.runtime.layouts.packing import pack_dense, unpack_dense
 
 STRATEGY = {Granularity.per_tensor: "tensor", Granularity.per_channel: "channel", Granularity.per_group: "group",
             Granularity.per_token: "token"}
@@ -81,14 +83,6 @@ class CompressedTensorsLayout(Layout):
                     "compressed-tensors 0.20; use symmetric weights (int4 / int8) in this layout")
         return None
 
-    def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
-        w = fmt.weight
-        if compression_format(fmt) == "pack-quantized":
-            per_word = 32 // w.dtype.bits
-            if in_features % per_word:
-                return f"{w.dtype.value} codes are packed {per_word} to an int32 along in_features, {in_features}"
-        return None
-
     def to_artifact(self, tensors, fmt):
         w, x = fmt.weight, fmt.input
         out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
@@ -100,7 +94,7 @@ class CompressedTensorsLayout(Layout):
             codes = codes.to(torch.int16) - _shift(w)
         if compression_format(fmt) == "pack-quantized":
             bits = w.dtype.bits
-            out["weight_packed"] = pack_along(codes.to(torch.int64) + 2 ** (bits - 1), bits, dim=1)
+            out["weight_packed"] = pack_dense(codes.to(torch.int64) + 2 ** (bits - 1), bits)
             out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
         else:
             out["weight"] = codes if w.dtype.is_float else codes.to(torch.int8)
@@ -122,7 +116,12 @@ class CompressedTensorsLayout(Layout):
         scale = _graph_shaped(tensors["weight_scale"], w)
         if compression_format(fmt) == "pack-quantized":
             bits = w.dtype.bits
-            codes = unpack_along(tensors["weight_packed"], bits, dim=1) - 2 ** (bits - 1)
+            packed = tensors["weight_packed"]
+            n, k = tensors["weight_shape"].tolist()
+            if n != packed.shape[0] or -(-k * bits // 32) != packed.shape[1] or k % max(w.group_size, 1):
+                raise ArtifactError(f"weight_shape {[n, k]} does not fit weight_packed {list(packed.shape)} of "
+                                    f"{w.describe()} codes", hint=NOT_ONE_BUILD)
+            codes = unpack_dense(packed, bits, k) - 2 ** (bits - 1)
         else:
             codes = tensors["weight"]
         if w.dtype.is_float:
@@ -151,8 +150,7 @@ class CompressedTensorsLayout(Layout):
                        Granularity.per_group: (out_features, groups)}[w.granularity]
         out = {"weight_scale": (torch.float32, scale_shape)}
         if compression_format(fmt) == "pack-quantized":
-            per_word = 32 // w.dtype.bits
-            out["weight_packed"] = (torch.int32, (out_features, in_features // per_word))
+            out["weight_packed"] = (torch.int32, (out_features, -(-in_features * w.dtype.bits // 32)))
             out["weight_shape"] = (torch.int64, (2,))
         else:
             code = w.dtype.spec.checkpoint_dtype if w.dtype.is_float else torch.int8

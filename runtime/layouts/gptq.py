@@ -24,7 +24,7 @@ from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ScaleDType
 from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 from qfx.runtime.layouts.packing import pack_along, unpack_along
 
-BITS = (4, 8)  # the integer formats qfx has; GPTQ also packs 2 and 3 bits
+BITS = (2, 4, 8)  # the widths GPTQ packs whole into int32 words (its 3 bits straddle them)
 # A linear inside a repeated block: "<blocks>.<index>.<name in block>".
 BLOCK_PATH = re.compile(r"^(?P<blocks>.+?)\.(?P<index>\d+)\.(?P<name>.+)$")
 

@@ -20,3 +20,28 @@ def unpack_along(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     w = (words.to(torch.int64) & 0xFFFFFFFF).movedim(dim, -1)
     v = (w.unsqueeze(-1) >> (torch.arange(per_word, dtype=torch.int64) * bits)) & (2**bits - 1)
     return v.reshape(*w.shape[:-1], w.shape[-1] * per_word).movedim(-1, dim).contiguous()
+
+
+def pack_dense(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values of each row packed without padding into int32 words, lowest bits
+    first, a value that straddles two words split between them (compressed-tensors' packing): a
+    row of K values takes ceil(K * bits / 32) words. For widths dividing 32 it is `pack_along`."""
+    rows, k = values.shape
+    v = values.to(torch.int64)
+    start = torch.arange(k, dtype=torch.int64) * bits
+    word, offset = start // 32, start % 32
+    words = torch.zeros(rows, -(-k * bits // 32) + 1, dtype=torch.int64)  # one spare word for the last spill
+    words.scatter_add_(1, word.expand(rows, k), (v << offset) & 0xFFFFFFFF)
+    words.scatter_add_(1, (word + 1).expand(rows, k), v >> (32 - offset))  # the spill (0 where none)
+    words = words[:, :-1]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_dense(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The inverse of `pack_dense` for rows of `k` values, as int64."""
+    w = torch.cat([words.to(torch.int64) & 0xFFFFFFFF, torch.zeros(words.shape[0], 1, dtype=torch.int64)], dim=1)
+    start = torch.arange(k, dtype=torch.int64) * bits
+    word, offset = start // 32, start % 32
+    low = w[:, word] >> offset
+    high = w[:, word + 1] << (32 - offset)
+    return (low | high) & (2**bits - 1)

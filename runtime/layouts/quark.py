@@ -236,6 +236,9 @@ class QuarkLayout(Layout):
         for role, tf in fmt.tensors.items():
             if tf.dtype.table is not None:  # Quark's integer and FP8 formats, not code tables
                 return f"Quark has no {tf.dtype.value} ({role}); write it with output.layout: bitsandbytes"
+            if tf.dtype.is_integer and tf.dtype.bits not in (4, 8):
+                return (f"Quark stores 4- and 8-bit integers, not {tf.dtype.value} ({role}); write it with "
+                        "output.layout: compressed-tensors")
         return None
 
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
