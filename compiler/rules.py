@@ -46,7 +46,8 @@ def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
     dynamic = scheme.granularity is Granularity.per_token
     observer = None if dynamic else (scheme.observer or ObserverKind.minmax)
     return TensorFormat(dtype=dtype, granularity=scheme.granularity, symmetric=scheme.symmetric,
-                        group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range)
+                        group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range,
+                        double_quant=scheme.double_quant)
 
 
 LAYOUT_LOC = ("output", "layout")
@@ -112,7 +113,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
         if not fmt.tensors:
             continue
         where = source.where(origin["weight" if fmt.weight is not None else next(iter(fmt.tensors))])
-        if problem := layout.format_problem(fmt) or layout.shape_problem(fmt, layer.in_features, layer.out_features):
+        if problem := layout.refusal(fmt) or layout.shape_problem(fmt, layer.in_features, layer.out_features):
             raise SpecError(f"{layer.path} cannot be stored in the {layout.name} layout: {problem}", where=where,
                             hint=f"exclude the layer, change its format, or choose another output.layout "
                                  f"(set at {source.where(LAYOUT_LOC)})")

@@ -63,6 +63,10 @@ class TensorScheme(_Model):
     reduce_range: bool = Field(
         default=False, description="int8 weights in 7 bits (-64..63): ONNX Runtime's fast uint8 x int8 "
                                    "kernels are then exact on x86 CPUs without VNNI; costs about 6 dB of weight SQNR")
+    double_quant: bool = Field(
+        default=False, description="per_group weights: their scales, less their mean, coded in 8 bits (a dynamic "
+                                   "map) in blocks of 256 with a float32 absmax each: bitsandbytes' "
+                                   "bnb_4bit_use_double_quant (output.layout: bitsandbytes)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -79,6 +83,9 @@ class TensorScheme(_Model):
             raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
+        if self.double_quant and g is not Granularity.per_group:
+            raise ValueError(f"double_quant codes the scales of per_group weights; {g.value} has no groups of "
+                             "scales to code: use per_group, or drop double_quant")
         return self
 
 
@@ -91,6 +98,7 @@ class TensorPatch(_Model):
     symmetric: bool | None = None
     observer: ObserverKind | None = None
     reduce_range: bool | None = None
+    double_quant: bool | None = None
 
 
 class LayerScheme(_Model):
@@ -180,7 +188,7 @@ def overlay(base: dict | None, patch: "TensorPatch | None") -> dict | None:
 
 def takes_field(granularity: Granularity, name: str) -> bool:
     """Whether a scheme of `granularity` may set `name` (as TensorScheme._consistent checks)."""
-    if name == "group_size":
+    if name in ("group_size", "double_quant"):
         return granularity is Granularity.per_group
     if name == "observer":
         return granularity is not Granularity.per_token

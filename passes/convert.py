@@ -4,7 +4,9 @@ After it the graph is a QDQ graph: each quantized linear reads integer (or fp8) 
 through `qfx::dequantize`, and each quantized activation passes through `qfx::quantize` ->
 `qfx::dequantize` (or `qfx::quantize_per_token` when dynamic). Codes and qparams are
 buffers on the linear's own module, named as in the artifact: weight, weight_scale,
-weight_zero_point, input_scale, input_zero_point, output_scale, output_zero_point.
+weight_zero_point, input_scale, input_zero_point, output_scale, output_zero_point; with double
+quantization also weight_scale_codes, weight_scale_absmax and weight_scale_offset, the coded form
+of weight_scale (which holds their decoded value) that the layout stores.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from qfx.passes.observe import observer_name
 from qfx.runtime import ops
 from qfx.runtime.errors import PassFailure
 from qfx.runtime.formats import TensorFormat
-from qfx.runtime.numerics import qparams_from_range, quantize_weight, weight_axis
+from qfx.runtime.numerics import double_dequantize, double_quantize, qparams_from_range, quantize_weight, weight_axis
 
 
 def _fake_like(val, dtype=None, shape=None):
@@ -127,6 +129,11 @@ class Convert(Pass):
                 ctx.float_weights[quant.module] = w.detach()
                 chosen = ctx.take_codes(quant.module)  # a weight algorithm's codes
                 codes, scale, zero_point = chosen if chosen is not None else quantize_weight(w.detach(), fmt.weight)
+                if fmt.weight.double_quant:  # as bitsandbytes: codes chosen, then their scales coded
+                    nested = double_quantize(scale)
+                    scale = double_dequantize(**nested)
+                    for key, value in nested.items():  # read by no node: the layout stores them
+                        edit.owner.register_buffer(f"weight_scale_{key}", value)
                 with graph.inserting_before(linear):
                     codes_node = edit.buffer(weight_node.target.rsplit(".", 1)[1], codes)
                     dq = edit.call(ops.DEQUANTIZE,

@@ -130,7 +130,7 @@ def _check_manifest_fields(manifest: dict, path: Path) -> None:
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"the format of layer {name} does not parse: {type(exc).__name__}: {exc}",
                                 where=str(path), hint=REBUILD) from None
-        problem = format_problem(fmt) or layout.format_problem(fmt)
+        problem = format_problem(fmt) or layout.refusal(fmt)
         _require(problem is None, path, f"gives layer {name} a format qfx cannot run: {problem}")
     files = manifest["artifact"]
     _require(isinstance(files, dict), path, "'artifact' is not an object")

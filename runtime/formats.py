@@ -118,6 +118,31 @@ CODE_SPECS = {
 }
 
 
+def _dynamic_map() -> tuple[float, ...]:
+    """The signed 8-bit dynamic map (Dettmers, arXiv:1511.04561), as bitsandbytes builds it in
+    float32: for each decade 10**e (e = -6 ... 0), the 2**(e+6) midpoints of 2**(e+6) + 1 points
+    spread evenly over [0.1, 1], with both signs; then 0 and 1. Ascending, 256 entries."""
+    values = [0.0, 1.0]
+    for e in range(-6, 1):
+        points = torch.linspace(0.1, 1, 2 ** (e + 6) + 1, dtype=torch.float32)
+        mids = (points[:-1] + points[1:]) / 2.0
+        values += (10**e * mids).tolist() + (-(10**e) * mids).tolist()
+    return tuple(sorted(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedScales:
+    """Double quantization (`double_quant`): a weight's per-group scales, less their mean (the
+    offset), coded with `table` in blocks of `block` scales, each block with a float32 absmax.
+    bitsandbytes' `compress_statistics`: 8-bit dynamic codes, blocks of 256."""
+
+    block: int
+    table: tuple[float, ...]
+
+
+NESTED_SCALES = NestedScales(block=256, table=_dynamic_map())
+
+
 class Granularity(str, enum.Enum):
     per_tensor = "per_tensor"
     per_channel = "per_channel"  # weights: one scale per output row
@@ -161,6 +186,7 @@ class TensorFormat:
     observer: ObserverKind | None = ObserverKind.minmax  # None: dynamic, nothing to observe
     reduce_range: bool = False  # int8 weights in 7 bits, -64..63 (see the spec field)
     scale_dtype: ScaleDType = ScaleDType.float32  # set by the output layout (runtime.layouts)
+    double_quant: bool = False  # per-group scales coded as NESTED_SCALES (see the spec field)
 
     @property
     def qmin(self) -> float:
@@ -185,6 +211,8 @@ class TensorFormat:
             text += " 7-bit"
         if self.scale_dtype is not ScaleDType.float32:
             text += f" {self.scale_dtype.value} scales"
+        if self.double_quant:
+            text += " double-quantized scales"
         return text
 
     def to_json(self) -> dict:
@@ -192,7 +220,8 @@ class TensorFormat:
                 "symmetric": self.symmetric, "group_size": self.group_size,
                 "observer": None if self.observer is None else self.observer.value,
                 **({"reduce_range": True} if self.reduce_range else {}),
-                **({"scale_dtype": self.scale_dtype.value} if self.scale_dtype is not ScaleDType.float32 else {})}
+                **({"scale_dtype": self.scale_dtype.value} if self.scale_dtype is not ScaleDType.float32 else {}),
+                **({"double_quant": True} if self.double_quant else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorFormat":
@@ -201,7 +230,8 @@ class TensorFormat:
                    symmetric=bool(data["symmetric"]), group_size=int(data.get("group_size", 0)),
                    observer=None if observer is None else ObserverKind(observer),
                    reduce_range=bool(data.get("reduce_range", False)),
-                   scale_dtype=ScaleDType(data.get("scale_dtype", "float32")))
+                   scale_dtype=ScaleDType(data.get("scale_dtype", "float32")),
+                   double_quant=bool(data.get("double_quant", False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,4 +289,6 @@ def format_problem(fmt: LayerFormat) -> str | None:
             return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
         if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
             return f"{role} has reduce_range, which applies to int8 weights only"
+        if tf.double_quant and (role != "weight" or not per_group):
+            return f"{role} is {tf.describe()}; double quantization codes the scales of per_group weights only"
     return None

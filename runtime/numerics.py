@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qfx.runtime.formats import Granularity, ObserverKind, QDType, TensorFormat
+from qfx.runtime.formats import NESTED_SCALES, Granularity, ObserverKind, QDType, TensorFormat
 
 # Smallest scale we emit: keeps all-zero tensors finite without changing any real range.
 MIN_SCALE = 1e-12
@@ -35,7 +35,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
              qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
     s = broadcast_scale(scale, x.ndim, axis, group_size)
     if qdtype.table is not None:
-        return table_codes(x.float() * (1 / s), qdtype)
+        return nearest_entries(x.float() * (1 / s), qdtype.table).to(qdtype.storage)
     y = x.float() / s  # the one temporary; everything after works in place
     if qdtype.is_float:
         return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
@@ -69,14 +69,38 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         broadcast_scale(scale, x.ndim, axis, group_size))
 
 
-def table_codes(normalized: torch.Tensor, qdtype: QDType) -> torch.Tensor:
-    """Indices of the nearest table entries to `normalized` (x * (1 / scale)), clamped to the
-    table's range, a tie going to the lower entry: bitsandbytes' rounding (`bucketize` on the
-    float32 midpoints), so that its quantize_4bit and qfx choose the same codes."""
-    table = qdtype.table
+def nearest_entries(normalized: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Indices (int32) of the nearest entries of the ascending float32 `table` to `normalized`
+    (x * (1 / scale)), clamped to the table's range, a tie going to the lower entry:
+    bitsandbytes' rounding (`bucketize` on the float32 midpoints), so that its quantize_4bit and
+    qfx choose the same codes."""
     midpoints = (table[:-1] + table[1:]) / 2
     clamped = normalized.clamp_(float(table[0]), float(table[-1]))
-    return torch.bucketize(clamped, midpoints, out_int32=True).to(qdtype.storage)
+    return torch.bucketize(clamped, midpoints, out_int32=True)
+
+
+def double_quantize(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight's per-group scales coded as NESTED_SCALES: `codes` (uint8, scale's shape), `absmax`
+    (float32, one per block of the flattened scales, the last block possibly short) and `offset`
+    (float32, 0-d: their mean). bitsandbytes' quantize_4bit(compress_statistics=True) arithmetic."""
+    flat = scale.reshape(-1).float()
+    offset = flat.mean()
+    centered = flat - offset
+    block = NESTED_SCALES.block
+    blocks = -(-flat.numel() // block)
+    padded = torch.nn.functional.pad(centered, (0, blocks * block - flat.numel())).reshape(blocks, block)
+    absmax = padded.abs().amax(dim=1)
+    normalized = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)[:flat.numel()]
+    codes = nearest_entries(normalized, torch.tensor(NESTED_SCALES.table)).to(torch.uint8)
+    return {"codes": codes.reshape(scale.shape), "absmax": absmax, "offset": offset}
+
+
+def double_dequantize(codes: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The float32 scales that double_quantize's `codes`, `absmax` and `offset` stand for, as
+    bitsandbytes decodes them: table[code] * absmax of its block, then + offset."""
+    flat = torch.tensor(NESTED_SCALES.table)[codes.reshape(-1).long()]
+    per_code = absmax.repeat_interleave(NESTED_SCALES.block)[:flat.numel()]
+    return (flat * per_code + offset).reshape(codes.shape)
 
 
 def code_offsets(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

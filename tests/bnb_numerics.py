@@ -1,22 +1,27 @@
 """Run by bitsandbytes' environment (not qfx's): its CPU quantize_4bit and dequantize_4bit on the
-weights in IN.safetensors (`x:I`, with `blocksize:I`), and its dequantize_4bit of qfx's codes for
-them (`packed:I`, `absmax:I`).
+weights in IN.safetensors (`x:I`, with `blocksize:I`, and `nested:I` = 1 for double
+quantization), and its dequantize_4bit of qfx's tensors for them (`packed:I`, `absmax:I`, and
+when nested `nested_absmax:I`, `offset:I`).
 
 usage: python bnb_numerics.py IN.safetensors OUT.safetensors
-Writes, per case I: `packed:I` and `absmax:I` (bitsandbytes' own quantization), `deq:I` (its
-dequantization of qfx's)."""
+Writes, per case I: `packed:I` and `absmax:I` (and when nested `nested_absmax:I`, `offset:I`):
+bitsandbytes' own quantization; `deq:I`: its dequantization of qfx's; and `dynamic_map`, the
+table of its nested codes."""
 import sys
 
 import bitsandbytes.functional as F
 from safetensors.torch import load_file, save_file
 
 cases = load_file(sys.argv[1])
-out = {}
+out = {"dynamic_map": F.create_dynamic_map().float().contiguous()}
 for key in [k for k in cases if k.startswith("x:")]:
     i = key[2:]
-    x, blocksize = cases[key], int(cases[f"blocksize:{i}"])
-    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+    x, blocksize, nested = cases[key], int(cases[f"blocksize:{i}"]), bool(cases[f"nested:{i}"])
+    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
     out[f"packed:{i}"], out[f"absmax:{i}"] = packed.contiguous(), state.absmax.contiguous()
     state.absmax = cases[f"absmax:{i}"]
+    if nested:
+        out[f"nested_absmax:{i}"], out[f"offset:{i}"] = state.state2.absmax.contiguous(), state.offset.reshape(1)
+        state.state2.absmax, state.offset = cases[f"nested_absmax:{i}"], cases[f"offset:{i}"][0]
     out[f"deq:{i}"] = F.dequantize_4bit(cases[f"packed:{i}"], state).contiguous()
 save_file(out, sys.argv[2])

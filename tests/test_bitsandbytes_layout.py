@@ -106,3 +106,96 @@ def test_nf4_with_onnx_output_is_refused_before_any_work(tmp_path):
     with pytest.raises(SpecError, match="ONNX has no type for") as err:
         qfx.compile(spec=spec)
     assert "output.formats" in str(err.value) and not (tmp_path / "artifact").exists()
+
+
+NF4_G64_DQ = {"default": {"weight": {"dtype": "nf4", "granularity": "per_group", "group_size": 64,
+                                     "double_quant": True}}, "exclude": ["lm_head"]}
+
+
+def test_double_quantized_scales_decode_as_mean_plus_table_entry_times_block_absmax():
+    """400 scales: a block of 256 and a short one of 144, each coded against its own absmax; the
+    table entry chosen is the nearest to (scale - mean) / absmax."""
+    from qfx.runtime.formats import NESTED_SCALES
+    from qfx.runtime.numerics import double_dequantize, double_quantize
+
+    scale = torch.rand(8, 50, generator=torch.Generator().manual_seed(0)) * 0.1 + 1e-3
+    nested = double_quantize(scale)
+    assert nested["codes"].dtype == torch.uint8 and nested["codes"].shape == scale.shape
+    assert nested["absmax"].shape == (2,) and torch.equal(nested["offset"], scale.mean())
+    centered = (scale.reshape(-1) - scale.mean()).reshape(-1)
+    blocks = [centered[:256], centered[256:]]
+    assert torch.equal(nested["absmax"], torch.stack([b.abs().max() for b in blocks]))
+    table = torch.tensor(NESTED_SCALES.table)
+    normalized = torch.cat([b / b.abs().max() for b in blocks])
+    chosen = table[nested["codes"].reshape(-1).long()]
+    assert bool(((chosen - normalized).abs() <= (table - normalized[:, None]).abs().min(dim=1).values + 1e-6).all())
+    decoded = double_dequantize(**nested)
+    assert torch.equal(decoded.reshape(-1), chosen * nested["absmax"].repeat_interleave(256)[:400] + scale.mean())
+    # the dynamic map's spacing near +-1 (1/64 of the block's absmax) bounds the error
+    assert float((decoded - scale).abs().max()) <= float(nested["absmax"].max()) / 128 + 1e-7
+
+
+def test_double_quantized_nf4_is_stored_as_bitsandbytes_nests_it(tmp_path):
+    from qfx.runtime.formats import NESTED_SCALES
+
+    result = bnb_build(tmp_path, **NF4_G64_DQ)
+    config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_use_double_quant"] is True
+    tensors = load_file(str(result.artifact_dir / "model.safetensors"))
+    prefix = "model.layers.0.mlp.down_proj."  # 128 -> 64: 128 scales, one short nested block
+    assert tensors[prefix + "weight.absmax"].dtype == torch.uint8 and tensors[prefix + "weight.absmax"].shape == (128,)
+    assert tensors[prefix + "weight.nested_absmax"].shape == (1,)
+    assert torch.equal(tensors[prefix + "weight.nested_quant_map"], torch.tensor(NESTED_SCALES.table))
+    state = json.loads(bytes(tensors[prefix + "weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert (state["nested_blocksize"], state["nested_dtype"]) == (256, "float32")
+    model = qfx.runtime.load(result.artifact_dir)
+    layer = model.model.layers[0].mlp.down_proj
+    built = result.graph.get_submodule("hf." + prefix[:-1])
+    for name in ("weight", "weight_scale", "weight_scale_codes", "weight_scale_absmax", "weight_scale_offset"):
+        assert torch.equal(getattr(layer, name), getattr(built, name)), name  # the offset's 9 digits give it back
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result.graph(ids))
+
+
+def test_double_quantization_keeps_the_codes_and_moves_only_the_scales(tmp_path):
+    """bitsandbytes' order: codes chosen with the float scales, then the scales coded."""
+    plain = bnb_build(tmp_path / "plain").graph.get_submodule("hf.model.layers.0.mlp.down_proj")
+    dq = bnb_build(tmp_path / "dq", **NF4_G64_DQ).graph.get_submodule("hf.model.layers.0.mlp.down_proj")
+    assert torch.equal(plain.weight, dq.weight)
+    relative = float(((dq.weight_scale - plain.weight_scale).abs() / plain.weight_scale).max())
+    assert 0 < relative < 0.05, relative
+
+
+@pytest.mark.parametrize("layout, quantization, message", [
+    ("gptq", {"preset": "w4a16-g64", "default": {"weight": {"double_quant": True}}},
+     "the gptq layout has no place for double-quantized scales"),
+    ("bitsandbytes", {"default": {"weight": {"dtype": "nf4", "granularity": "per_channel", "double_quant": True}}},
+     "double_quant codes the scales of per_group weights"),
+    ("quark", {"preset": "w8a8-int8", "default": {"input": {"double_quant": True}}},
+     "double_quant codes the scales of per_group weights; per_tensor has no groups"),
+])
+def test_double_quantization_where_it_cannot_go_is_refused(tmp_path, layout, quantization, message):
+    with pytest.raises(SpecError, match=message):
+        bnb_build(tmp_path, layout, **quantization)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_one_config_holds_one_double_quant_setting(tmp_path):
+    quantization = dict(NF4_G64_DQ, rules=[{"match": ["*down_proj"], "weight": {"double_quant": False}}])
+    with pytest.raises(SpecError, match="one bnb_4bit_use_double_quant"):
+        bnb_build(tmp_path, **quantization)
+
+
+def test_a_nested_quant_map_that_is_not_the_dynamic_map_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from qfx.runtime.errors import ArtifactError
+
+    result = bnb_build(tmp_path, **NF4_G64_DQ)
+    path = result.artifact_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.down_proj.weight.nested_quant_map"][0] = -1.0
+    save_file(tensors, str(path))
+    with pytest.raises(ArtifactError, match="weight.nested_quant_map is not the 8-bit dynamic map"):
+        qfx.runtime.load(result.artifact_dir, verify_hashes=False)

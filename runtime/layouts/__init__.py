@@ -29,10 +29,21 @@ class Layout(abc.ABC):
     # pre-quant scale), which qfx.runtime runs; a layout whose consumers know nothing of them
     # cannot hold such layers.
     holds_input_transforms: bool = True
+    # Whether the checkpoint can store double-quantized weight scales (their codes, block absmax
+    # and offset: formats.NESTED_SCALES).
+    holds_double_quant: bool = False
+
+    def refusal(self, fmt: LayerFormat) -> str | None:
+        """Why this layout cannot hold a layer of format `fmt`, or None: what the layout has no
+        place for, then its own `format_problem`."""
+        if fmt.weight is not None and fmt.weight.double_quant and not self.holds_double_quant:
+            return (f"the {self.name} layout has no place for double-quantized scales; drop double_quant or "
+                    "write output.layout: bitsandbytes")
+        return self.format_problem(fmt)
 
     @abc.abstractmethod
     def format_problem(self, fmt: LayerFormat) -> str | None:
-        """Why this layout cannot hold a layer of format `fmt`, or None."""
+        """Why this layout cannot hold a layer of format `fmt` (beyond `refusal`'s checks), or None."""
 
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
         """Why this layout cannot hold a layer of `fmt` with these features (its packing), or None."""

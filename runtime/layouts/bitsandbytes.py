@@ -4,8 +4,12 @@ Per layer: `weight` uint8 [N*K/2, 1], two codes a byte with the first in the HIG
 the row-major order of the [N, K] weight; `weight.absmax` float32, one scale per block of
 `blocksize` consecutive elements (qfx's groups of one row, since K is a multiple of the group
 size); `weight.quant_map`, the 16-entry code table; `weight.quant_state.bitsandbytes__nf4`, the
-JSON of the rest (quant_type, blocksize, dtype, shape) as uint8 bytes. The config's
-`llm_int8_skip_modules` names, by full path, the linears that stay in float.
+JSON of the rest (quant_type, blocksize, dtype, shape) as uint8 bytes. With double quantization
+(`bnb_4bit_use_double_quant`) `weight.absmax` holds the scales' uint8 codes instead,
+`weight.nested_absmax` (float32, one per block of 256 scales) and `weight.nested_quant_map` (the
+dynamic map) decode them, and the JSON adds nested_blocksize, nested_dtype and nested_offset (the
+scales' mean). The config's `llm_int8_skip_modules` names, by full path, the linears that stay in
+float.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import json
 
 import torch
 
+from qfx.runtime import numerics
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, QDType
+from qfx.runtime.formats import NESTED_SCALES, Granularity, LayerFormat, LayerQuant, QDType, TensorFormat
 from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 
 # The float dtype bitsandbytes dequantizes to: qfx's runtime computes in float32.
@@ -24,6 +29,7 @@ DEQUANT_DTYPE = "float32"
 class BitsAndBytesLayout(Layout):
     name = "bitsandbytes"
     holds_input_transforms = False
+    holds_double_quant = True
 
     def format_problem(self, fmt: LayerFormat) -> str | None:
         w = fmt.weight
@@ -40,9 +46,10 @@ class BitsAndBytesLayout(Layout):
         """One config: one quant_type for every quantized linear."""
         first = next(iter(plan.values()), None)
         for path, quant in plan.items():
-            if quant.fmt.weight.dtype != first.fmt.weight.dtype:
-                return path, (f"it is {quant.fmt.weight.dtype.value} and {first.module} is "
-                              f"{first.fmt.weight.dtype.value}; a bitsandbytes config has one quant_type")
+            w, w0 = quant.fmt.weight, first.fmt.weight
+            if (w.dtype, w.double_quant) != (w0.dtype, w0.double_quant):
+                return path, (f"it is {w.describe()} and {first.module} is {w0.describe()}; a bitsandbytes config "
+                              "has one quant_type and one bnb_4bit_use_double_quant")
         return None
 
     def to_artifact(self, tensors, fmt):
@@ -52,34 +59,56 @@ class BitsAndBytesLayout(Layout):
         flat = codes.reshape(-1).to(torch.uint8)
         out = {key: v for key, v in tensors.items() if not key.startswith("weight")}
         out["weight"] = ((flat[0::2] << 4) | flat[1::2]).reshape(-1, 1)
-        out["weight.absmax"] = tensors["weight_scale"].reshape(-1).float()
         out["weight.quant_map"] = w.dtype.table
-        out[_state_key(w.dtype)] = _state_bytes(w.dtype, w.group_size, n, k)
+        if w.double_quant:
+            out["weight.absmax"] = tensors["weight_scale_codes"].reshape(-1)
+            out["weight.nested_absmax"] = tensors["weight_scale_absmax"]
+            out["weight.nested_quant_map"] = torch.tensor(NESTED_SCALES.table)
+            out[_state_key(w.dtype)] = _state_bytes(w, n, k, float(tensors["weight_scale_offset"]))
+        else:
+            out["weight.absmax"] = tensors["weight_scale"].reshape(-1).float()
+            out[_state_key(w.dtype)] = _state_bytes(w, n, k)
         return out
 
     def from_artifact(self, tensors, fmt):
         w = fmt.weight
         state = json.loads(bytes(tensors[_state_key(w.dtype)].tolist()).decode("utf-8"))
         n, k = state["shape"]
-        if state.get("quant_type") != w.dtype.value or state.get("blocksize") != w.group_size:
-            raise ArtifactError(f"the quant_state says {state.get('quant_type')} in blocks of {state.get('blocksize')}, "
-                                f"and the manifest {w.dtype.value} in groups of {w.group_size}", hint=NOT_ONE_BUILD)
+        said = (state.get("quant_type"), state.get("blocksize"), state.get("nested_blocksize"),
+                state.get("nested_dtype"))
+        if said != (w.dtype.value, w.group_size, *((NESTED_SCALES.block, DEQUANT_DTYPE) if w.double_quant else
+                                                   (None, None))):
+            raise ArtifactError(f"the quant_state says {said[0]} in blocks of {said[1]}, nested blocks {said[2]} of "
+                                f"{said[3]}, and the manifest {w.describe()}", hint=NOT_ONE_BUILD)
         if not torch.equal(tensors["weight.quant_map"], w.dtype.table):
             raise ArtifactError(f"weight.quant_map is not the {w.dtype.value} code table", hint=NOT_ONE_BUILD)
         packed = tensors["weight"].reshape(-1)
         codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(n, k)
         out = {key: v for key, v in tensors.items() if not key.startswith("weight")}
         out["weight"] = codes.to(w.dtype.storage)
-        out["weight_scale"] = tensors["weight.absmax"].reshape(n, k // w.group_size)
+        groups = (n, k // w.group_size)
+        if w.double_quant:
+            if not torch.equal(tensors["weight.nested_quant_map"], torch.tensor(NESTED_SCALES.table)):
+                raise ArtifactError("weight.nested_quant_map is not the 8-bit dynamic map", hint=NOT_ONE_BUILD)
+            nested = {"codes": tensors["weight.absmax"].reshape(groups), "absmax": tensors["weight.nested_absmax"],
+                      "offset": torch.tensor(float(state["nested_offset"]), dtype=torch.float32)}
+            out.update({f"weight_scale_{key}": value for key, value in nested.items()})
+            out["weight_scale"] = numerics.double_dequantize(**nested)
+        else:
+            out["weight_scale"] = tensors["weight.absmax"].reshape(groups)
         return out
 
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
         w = fmt.weight
         n, k = out_features, in_features
+        groups = n * k // w.group_size
         out = {"weight": (torch.uint8, (n * k // 2, 1)),
-               "weight.absmax": (torch.float32, (n * k // w.group_size,)),
+               "weight.absmax": (torch.uint8 if w.double_quant else torch.float32, (groups,)),
                "weight.quant_map": (torch.float32, (len(w.dtype.spec.table),)),
-               _state_key(w.dtype): (torch.uint8, (len(_state_bytes(w.dtype, w.group_size, n, k)),))}
+               _state_key(w.dtype): (torch.uint8, (len(_state_bytes(w, n, k, 1.0)),))}
+        if w.double_quant:
+            out["weight.nested_absmax"] = (torch.float32, (-(-groups // NESTED_SCALES.block),))
+            out["weight.nested_quant_map"] = (torch.float32, (len(NESTED_SCALES.table),))
         if bias:
             out["bias"] = (float_dtype, (out_features,))
         return out
@@ -87,7 +116,7 @@ class BitsAndBytesLayout(Layout):
     def config(self, plan, linear_paths):
         w = next(iter(plan.values())).fmt.weight
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-                "bnb_4bit_quant_type": w.dtype.value, "bnb_4bit_use_double_quant": False,
+                "bnb_4bit_quant_type": w.dtype.value, "bnb_4bit_use_double_quant": w.double_quant,
                 "bnb_4bit_compute_dtype": DEQUANT_DTYPE, "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_skip_modules": [p for p in linear_paths if p not in plan] or None}
 
@@ -101,7 +130,13 @@ def _state_key(qdtype: QDType) -> str:
     return f"weight.quant_state.bitsandbytes__{qdtype.value}"
 
 
-def _state_bytes(qdtype: QDType, blocksize: int, n: int, k: int) -> torch.Tensor:
-    """The quant_state's non-tensor items as bitsandbytes packs them (JSON in uint8)."""
-    state = {"quant_type": qdtype.value, "blocksize": blocksize, "dtype": DEQUANT_DTYPE, "shape": [n, k]}
-    return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
+def _state_bytes(w: TensorFormat, n: int, k: int, offset: float | None = None) -> torch.Tensor:
+    """The quant_state's non-tensor items as bitsandbytes packs them (JSON in uint8). The offset
+    is written with 9 significant digits, enough to give back its float32 exactly, in a fixed
+    width, so that the tensor's length follows from the format alone."""
+    state = {"quant_type": w.dtype.value, "blocksize": w.group_size, "dtype": DEQUANT_DTYPE, "shape": [n, k]}
+    text = json.dumps(state)
+    if w.double_quant:
+        text = text[:-1] + (f', "nested_blocksize": {NESTED_SCALES.block}, "nested_dtype": "{DEQUANT_DTYPE}", '
+                            f'"nested_offset": {offset:.8e}}}')
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
