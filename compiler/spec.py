@@ -29,6 +29,7 @@ class DType(str, enum.Enum):
     int5, uint5, int6, uint6, int7, uint7 = "int5", "uint5", "int6", "uint6", "int7", "uint7"
     fp8_e4m3 = "fp8_e4m3"  # E4M3FNUZ on gfx942, OCP E4M3FN elsewhere
     nf4 = "nf4"  # NormalFloat4 weights (bitsandbytes, QLoRA), per_group: the group's absmax is its scale
+    bnb_fp4 = "bnb_fp4"  # bitsandbytes' FP4 weights (its quant_type fp4), per_group like nf4
 
 
 class Target(str, enum.Enum):
@@ -79,7 +80,7 @@ class TensorScheme(_Model):
             raise ValueError("per_token is dynamic (scales computed at run time); remove `observer`")
         if self.dtype.value.startswith("uint") and self.symmetric:
             raise ValueError(f"{self.dtype.value} is unsigned, so asymmetric: set symmetric: false")
-        if self.dtype in (DType.fp8_e4m3, DType.nf4) and not self.symmetric:
+        if self.dtype in (DType.fp8_e4m3, DType.nf4, DType.bnb_fp4) and not self.symmetric:
             raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
@@ -328,9 +329,9 @@ class Output(_Model):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     layout: CheckpointLayout = Field(default=CheckpointLayout.quark,
                                      description="the layout of model.safetensors and its config.json: quark, gptq "
-                                                 "(weight-only int4/int8, symmetric), gptq_v2 (also asymmetric) "
-                                                 "compressed-tensors (int4/int8 weight-only, W8A8 int8, FP8) or "
-                                                 "bitsandbytes (nf4 weight-only)")
+                                                 "(weight-only int2/int4/int8, symmetric), gptq_v2 (also asymmetric), "
+                                                 "compressed-tensors (int2-int8 weight-only, W8A8 int8, FP8) or "
+                                                 "bitsandbytes (nf4 / bnb_fp4 weight-only)")
 
     @field_validator("formats")
     @classmethod

@@ -29,8 +29,9 @@ class CodeSpec:
     checkpoint_dtype: torch.dtype | None
     min_exponent: int | None = None  # float formats: the exponent of the smallest normal value
     native_max: float | None = None  # where the type itself saturates above qmax (qfx caps the range)
-    # Non-uniform formats: code i stands for table[i] x scale (ascending, in [qmin, qmax]); a value
-    # x is coded as the nearest entry to x * (1 / scale), a tie going to the lower entry.
+    # Non-uniform formats: code i stands for table[i] x scale (spanning [qmin, qmax], in the order of
+    # the codes a consumer reads, ascending or not); a value x is coded as the nearest entry to
+    # x * (1 / scale), a tie going to the lower entry (of equal entries, the lower code).
     table: tuple[float, ...] | None = None
 
 
@@ -49,6 +50,7 @@ class QDType(str, enum.Enum):
     # vLLM converting back on MI300 by doubling the scale), and both must compute the same.
     fp8_e4m3fnuz = "fp8_e4m3fnuz"
     nf4 = "nf4"  # NormalFloat4 (QLoRA): 16 quantiles of a normal distribution, scaled by the block's absmax
+    bnb_fp4 = "bnb_fp4"  # bitsandbytes' FP4 (its quant_type "fp4"): a 16-entry table, like nf4
 
     @property
     def spec(self) -> CodeSpec:
@@ -115,6 +117,13 @@ CODE_SPECS = {
         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
         0.7229568362236023, 1.0)),
+    # bitsandbytes' FP4: E2M1 scaled to [-1, 1] but with its own smallest magnitude (1/192, not
+    # 1/12), in bitsandbytes' code order (a sign bit, then magnitudes out of order; code 8 is -0,
+    # chosen only at the tie between -0 and 1/192). Checkpoints hold these codes.
+    QDType.bnb_fp4: CodeSpec(4, False, -1.0, 1.0, torch.uint8, None, None, None, table=(
+        0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+        -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204,
+        -0.25)),
 }
 
 

@@ -70,13 +70,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def nearest_entries(normalized: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Indices (int32) of the nearest entries of the ascending float32 `table` to `normalized`
-    (x * (1 / scale)), clamped to the table's range, a tie going to the lower entry:
-    bitsandbytes' rounding (`bucketize` on the float32 midpoints), so that its quantize_4bit and
-    qfx choose the same codes."""
-    midpoints = (table[:-1] + table[1:]) / 2
-    clamped = normalized.clamp_(float(table[0]), float(table[-1]))
-    return torch.bucketize(clamped, midpoints, out_int32=True)
+    """Indices (int32) of the nearest entries of the float32 `table` to `normalized`
+    (x * (1 / scale)), clamped to the table's range, a tie going to the lower entry (of equal
+    entries, the lower index): bitsandbytes' rounding (`bucketize` on the float32 midpoints of the
+    sorted table), so that its quantize_4bit and qfx choose the same codes."""
+    order = torch.argsort(table, stable=True)
+    ascending = table[order]
+    midpoints = (ascending[:-1] + ascending[1:]) / 2
+    clamped = normalized.clamp_(float(ascending[0]), float(ascending[-1]))
+    codes = torch.bucketize(clamped, midpoints, out_int32=True)
+    return codes if torch.equal(order, torch.arange(len(table))) else order.to(torch.int32)[codes]
 
 
 def double_quantize(scale: torch.Tensor) -> dict[str, torch.Tensor]:

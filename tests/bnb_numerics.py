@@ -1,6 +1,6 @@
 """Run by bitsandbytes' environment (not qfx's): its CPU quantize_4bit and dequantize_4bit on the
-weights in IN.safetensors (`x:I`, with `blocksize:I`, and `nested:I` = 1 for double
-quantization), and its dequantize_4bit of qfx's tensors for them (`packed:I`, `absmax:I`, and
+weights in IN.safetensors (`x:I`, with `blocksize:I`, `fp4:I` = 1 for its FP4 rather than NF4,
+and `nested:I` = 1 for double quantization), and its dequantize_4bit of qfx's tensors for them (`packed:I`, `absmax:I`, and
 when nested `nested_absmax:I`, `offset:I`).
 
 usage: python bnb_numerics.py IN.safetensors OUT.safetensors
@@ -17,7 +17,8 @@ out = {"dynamic_map": F.create_dynamic_map().float().contiguous()}
 for key in [k for k in cases if k.startswith("x:")]:
     i = key[2:]
     x, blocksize, nested = cases[key], int(cases[f"blocksize:{i}"]), bool(cases[f"nested:{i}"])
-    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    quant_type = "fp4" if bool(cases[f"fp4:{i}"]) else "nf4"
+    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
     out[f"packed:{i}"], out[f"absmax:{i}"] = packed.contiguous(), state.absmax.contiguous()
     state.absmax = cases[f"absmax:{i}"]
     if nested:

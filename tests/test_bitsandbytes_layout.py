@@ -25,25 +25,30 @@ def bnb_build(tmp_path, layout="bitsandbytes", **quantization):
     return qfx.compile(spec=spec)
 
 
+@pytest.mark.parametrize("qdtype", [QDType.nf4, QDType.bnb_fp4])
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), spread=st.floats(1e-3, 1e3))
-def test_nf4_codes_are_the_nearest_table_entries(seed, spread):
-    """Each code is the table entry nearest to x * (1 / scale), ties to the lower one; dequantizing
-    gives the entry times the scale."""
+def test_table_codes_are_the_nearest_table_entries(qdtype, seed, spread):
+    """Each code is the table entry nearest to x * (1 / scale); dequantizing gives the entry times
+    the scale."""
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) * spread
     scale = x.abs().amax(dim=1, keepdim=True)  # absmax, as qfx's symmetric range over qmax = 1 gives
-    codes = quantize(x, scale.reshape(-1), None, QDType.nf4)
-    table = QDType.nf4.table
+    codes = quantize(x, scale.reshape(-1), None, qdtype)
+    table = qdtype.table
     distance = (x / scale).unsqueeze(-1).sub(table).abs()  # [4, 64, 16]
     chosen = distance.gather(-1, codes.long().unsqueeze(-1)).squeeze(-1)
     assert bool((chosen <= distance.min(dim=-1).values + 1e-6).all())
-    assert torch.equal(dequantize(codes, scale.reshape(-1), None, QDType.nf4), table[codes.long()] * scale)
+    assert torch.equal(dequantize(codes, scale.reshape(-1), None, qdtype), table[codes.long()] * scale)
 
 
-def test_nf4_ties_go_to_the_lower_entry():
-    table = QDType.nf4.table
-    midpoints = (table[:-1] + table[1:]) / 2
-    assert torch.equal(quantize(midpoints, torch.tensor(1.0), None, QDType.nf4).long(), torch.arange(15))
+@pytest.mark.parametrize("qdtype", [QDType.nf4, QDType.bnb_fp4])
+def test_table_ties_go_to_the_lower_entry(qdtype):
+    """bnb_fp4's codes are not in ascending order: the lower entry is the one with the lower
+    value, and of its two zeros (0 and -0) the lower code."""
+    order = torch.argsort(qdtype.table, stable=True)
+    ascending = qdtype.table[order]
+    midpoints = (ascending[:-1] + ascending[1:]) / 2
+    assert torch.equal(quantize(midpoints, torch.tensor(1.0), None, qdtype).long(), order[:-1])
 
 
 def test_nf4_layer_is_stored_as_bitsandbytes_stores_it(tmp_path):
@@ -70,9 +75,26 @@ def test_nf4_layer_is_stored_as_bitsandbytes_stores_it(tmp_path):
         assert torch.equal(model(ids).logits, result.graph(ids))
 
 
+def test_bnb_fp4_is_stored_under_bitsandbytes_name_for_it(tmp_path):
+    weight = {"dtype": "bnb_fp4", "granularity": "per_group", "group_size": 64, "double_quant": True}
+    result = bnb_build(tmp_path, default={"weight": weight}, exclude=["lm_head"])
+    config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == "fp4"
+    tensors = load_file(str(result.artifact_dir / "model.safetensors"))
+    prefix = "model.layers.0.mlp.down_proj."
+    state = json.loads(bytes(tensors[prefix + "weight.quant_state.bitsandbytes__fp4"].tolist()))
+    assert state["quant_type"] == "fp4"
+    assert torch.equal(tensors[prefix + "weight.quant_map"], QDType.bnb_fp4.table)
+    model = qfx.runtime.load(result.artifact_dir)
+    assert model.model.layers[0].mlp.down_proj.fmt.weight.dtype is QDType.bnb_fp4
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result.graph(ids))
+
+
 @pytest.mark.parametrize("layout, quantization, message", [
     ("bitsandbytes", {"preset": "w8a8-fp8"}, "bitsandbytes 4-bit checkpoints are weight-only"),
-    ("bitsandbytes", {"preset": "w4a16-g64"}, "bitsandbytes stores 4-bit code-table weights \\(nf4\\) here, not int4"),
+    ("bitsandbytes", {"preset": "w4a16-g64"}, "bitsandbytes stores 4-bit code-table weights \\(nf4 or bnb_fp4\\) here, not int4"),
     ("quark", NF4_G64, "Quark has no nf4"),
     ("gptq", NF4_G64, "GPTQ stores 2/4/8-bit integer weights, not nf4"),
     ("compressed-tensors", NF4_G64, "compressed-tensors has no nf4"),

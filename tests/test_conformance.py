@@ -234,14 +234,15 @@ requires_bnb = pytest.mark.skipif(not BNB_PYTHON, reason="QFX_BNB_PYTHON is not 
 NF4 = {"default": {"weight": {"dtype": "nf4", "granularity": "per_group", "group_size": 64}}, "exclude": ["lm_head"]}
 
 
-def nf4_layer(x: torch.Tensor, blocksize: int, nested: bool = False):
-    """x [N, K] quantized by qfx's nf4 (its scales double-quantized when `nested`) and stored by
-    its bitsandbytes layout: (stored tensors, codes, the scales that decode them)."""
+def nf4_layer(x: torch.Tensor, blocksize: int, nested: bool = False, qdtype: str = "nf4"):
+    """x [N, K] quantized by qfx's nf4 (or another table format; its scales double-quantized when
+    `nested`) and stored by its bitsandbytes layout: (stored tensors, codes, the scales that
+    decode them)."""
     from qfx.runtime.formats import Granularity, LayerFormat, QDType, TensorFormat
     from qfx.runtime.layouts import layout_named
     from qfx.runtime.numerics import double_dequantize, double_quantize, quantize_weight
 
-    fmt = LayerFormat(weight=TensorFormat(QDType.nf4, Granularity.per_group, group_size=blocksize,
+    fmt = LayerFormat(weight=TensorFormat(QDType(qdtype), Granularity.per_group, group_size=blocksize,
                                           double_quant=nested))
     codes, scale, _ = quantize_weight(x, fmt.weight)
     tensors = {"weight": codes, "weight_scale": scale}
@@ -253,26 +254,28 @@ def nf4_layer(x: torch.Tensor, blocksize: int, nested: bool = False):
 
 
 @requires_bnb
+@pytest.mark.parametrize("qdtype", ["nf4", "bnb_fp4"])
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), spread=st.floats(1e-4, 1e4), blocksize=st.sampled_from([64, 128, 256]))
-def test_nf4_numerics_are_bitsandbytes_bit_for_bit(seed, spread, blocksize, tmp_path_factory):
-    """qfx's nf4 codes, absmax and packed bytes are bitsandbytes' quantize_4bit's, and its
-    dequantize_4bit of qfx's tensors is qfx's dequantization: on random weights, a block of
+def test_table_numerics_are_bitsandbytes_bit_for_bit(qdtype, seed, spread, blocksize, tmp_path_factory):
+    """qfx's nf4 and bnb_fp4 codes, absmax and packed bytes are bitsandbytes' quantize_4bit's, and
+    its dequantize_4bit of qfx's tensors is qfx's dequantization: on random weights, a block of
     zeros, and values at exact midpoints of the code table (the tie rule)."""
     from qfx.runtime.formats import QDType
 
     gen = torch.Generator().manual_seed(seed)
-    table = QDType.nf4.table
+    table = QDType(qdtype).table.sort().values
     ties = ((table[:-1] + table[1:]) / 2).repeat(blocksize // 15 + 1)[:blocksize - 1]
     cases = {"random": torch.randn(16, 2 * blocksize, generator=gen) * spread,
              "zeros-and-ties": torch.cat([torch.zeros(1, blocksize), torch.cat([ties, torch.ones(1)])[None]], dim=1)}
     tmp = tmp_path_factory.mktemp("nf4")
     send, ours = {}, {}
     for i, x in cases.items():
-        stored, codes, scale = nf4_layer(x, blocksize)
+        stored, codes, scale = nf4_layer(x, blocksize, qdtype=qdtype)
         send.update({f"x:{i}": x, f"blocksize:{i}": torch.tensor(blocksize), f"nested:{i}": torch.tensor(0),
+                     f"fp4:{i}": torch.tensor(int(qdtype == "bnb_fp4")),
                      f"packed:{i}": stored["weight"], f"absmax:{i}": stored["weight.absmax"]})
-        ours[i] = stored, dequantize(codes, scale, None, QDType.nf4, 1, blocksize)
+        ours[i] = stored, dequantize(codes, scale, None, QDType(qdtype), 1, blocksize)
     save_file(send, str(tmp / "in.safetensors"))
     run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
                           str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
@@ -304,7 +307,8 @@ def test_double_quantized_nf4_is_bitsandbytes_bit_for_bit(seed, spread, rows, tm
     state = json.loads(bytes(stored["weight.quant_state.bitsandbytes__nf4"].tolist()))
     offset = torch.tensor([state["nested_offset"]], dtype=torch.float32)
     tmp = tmp_path_factory.mktemp("nf4dq")
-    save_file({"x:0": x, "blocksize:0": torch.tensor(64), "nested:0": torch.tensor(1), "packed:0": stored["weight"],
+    save_file({"x:0": x, "blocksize:0": torch.tensor(64), "nested:0": torch.tensor(1), "fp4:0": torch.tensor(0),
+               "packed:0": stored["weight"],
                "absmax:0": stored["weight.absmax"], "nested_absmax:0": stored["weight.nested_absmax"],
                "offset:0": offset}, str(tmp / "in.safetensors"))
     run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
@@ -327,13 +331,14 @@ def test_double_quantized_nf4_is_bitsandbytes_bit_for_bit(seed, spread, rows, tm
 
 
 @requires_bnb
-@pytest.mark.parametrize("which, double_quant", [("tiny", False), ("tinystories", False), ("tiny", True),
-                                                 ("tinystories", True)])
-def test_bitsandbytes_nf4_loads_in_transformers(which, double_quant, tmp_path):
+@pytest.mark.parametrize("which, qdtype, double_quant", [
+    ("tiny", "nf4", False), ("tinystories", "nf4", False), ("tiny", "nf4", True), ("tinystories", "nf4", True),
+    ("tiny", "bnb_fp4", False), ("tinystories", "bnb_fp4", True)])
+def test_bitsandbytes_4bit_loads_in_transformers(which, qdtype, double_quant, tmp_path):
     if which == "tinystories" and not TINYSTORIES.is_dir():
         pytest.skip("../shared/data/tinystories-llama-64d is absent")
     base, vocab = model_spec() if which == "tinystories" else ({}, 256)
-    weight = dict(NF4["default"]["weight"], double_quant=double_quant)
+    weight = dict(NF4["default"]["weight"], dtype=qdtype, double_quant=double_quant)
     spec = dict(tiny_spec(), **base, quantization=dict(NF4, default={"weight": weight}))
     spec["output"] = {"dir": str(tmp_path / "artifact"), "layout": "bitsandbytes"}
     result = qfx.compile(spec=spec)
@@ -355,6 +360,7 @@ def test_bitsandbytes_nf4_loads_in_transformers(which, double_quant, tmp_path):
     # measured 0 (tiny and TinyStories): its exact CPU path is a float32 matmul of the same weights.
     # Its bfloat16 kernel (CPUs with AVX512-BF16) rounds activations: 1.9e-3 tiny, 9.4e-2 TinyStories
     # (AVX-512 machine); where the CPU lacks AVX512-BF16 it is the exact path. Bounded only against garbage.
-    print(f"{which}: max relative logits difference {rel:.3g}; bitsandbytes' bfloat16 kernel {fast:.3g}")
+    print(f"{which} {qdtype} dq={double_quant}: max relative logits difference {rel:.3g}; "
+          f"bitsandbytes' bfloat16 kernel {fast:.3g}")
     assert rel <= 1e-3, rel
     assert fast <= 0.25, fast

@@ -55,10 +55,10 @@ def test_the_scan_finds_what_it_looks_for():
 def test_every_format_is_registered_consistently(qdtype):
     spec = CODE_SPECS[qdtype]
     assert qdtype.bits == spec.bits and qdtype.storage == spec.storage
-    if spec.table is not None:  # a code table: one entry per code, ascending, spanning [qmin, qmax]
+    if spec.table is not None:  # a code table: one entry per code, spanning [qmin, qmax]
         table = list(spec.table)
-        assert len(table) == 2 ** spec.bits and table == sorted(set(table))
-        assert (table[0], table[-1]) == (qdtype.qmin, qdtype.qmax) and not spec.is_float
+        assert len(table) == 2 ** spec.bits and (min(table), max(table)) == (qdtype.qmin, qdtype.qmax)
+        assert len(set(table)) >= len(table) - 1 and not spec.is_float  # only 0 and -0 may repeat
         assert spec.min_exponent is None and spec.native_max is None
     elif spec.is_float:
         assert qdtype.qmin == -qdtype.qmax

@@ -3,8 +3,9 @@
 Per layer: `weight` uint8 [N*K/2, 1], two codes a byte with the first in the HIGH nibble, in
 the row-major order of the [N, K] weight; `weight.absmax` float32, one scale per block of
 `blocksize` consecutive elements (qfx's groups of one row, since K is a multiple of the group
-size); `weight.quant_map`, the 16-entry code table; `weight.quant_state.bitsandbytes__nf4`, the
-JSON of the rest (quant_type, blocksize, dtype, shape) as uint8 bytes. With double quantization
+size); `weight.quant_map`, the 16-entry code table; `weight.quant_state.bitsandbytes__nf4` (or
+`__fp4`), the JSON of the rest (quant_type, blocksize, dtype, shape) as uint8 bytes. With double
+quantization
 (`bnb_4bit_use_double_quant`) `weight.absmax` holds the scales' uint8 codes instead,
 `weight.nested_absmax` (float32, one per block of 256 scales) and `weight.nested_quant_map` (the
 dynamic map) decode them, and the JSON adds nested_blocksize, nested_dtype and nested_offset (the
@@ -24,6 +25,9 @@ from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 
 # The float dtype bitsandbytes dequantizes to: qfx's runtime computes in float32.
 DEQUANT_DTYPE = "float32"
+# bitsandbytes' quant_type for each code-table format it decodes (its kernels hard-code the tables,
+# in the code order qfx's registry gives them), by qfx's format name.
+QUANT_TYPE = {"nf4": "nf4", "bnb_fp4": "fp4"}
 
 
 class BitsAndBytesLayout(Layout):
@@ -35,8 +39,8 @@ class BitsAndBytesLayout(Layout):
         w = fmt.weight
         if fmt.input is not None or fmt.output is not None:
             return "bitsandbytes 4-bit checkpoints are weight-only: the input and output must stay in float (null)"
-        if w is None or not _four_bit_table(w.dtype):
-            return (f"bitsandbytes stores 4-bit code-table weights (nf4) here, not "
+        if w is None or w.dtype.value not in QUANT_TYPE:
+            return (f"bitsandbytes stores 4-bit code-table weights ({' or '.join(QUANT_TYPE)}) here, not "
                     f"{w.dtype.value if w else 'float'}")
         if w.granularity is not Granularity.per_group:
             return f"bitsandbytes scales blocks of consecutive weights: use per_group, not {w.granularity.value}"
@@ -76,7 +80,7 @@ class BitsAndBytesLayout(Layout):
         n, k = state["shape"]
         said = (state.get("quant_type"), state.get("blocksize"), state.get("nested_blocksize"),
                 state.get("nested_dtype"))
-        if said != (w.dtype.value, w.group_size, *((NESTED_SCALES.block, DEQUANT_DTYPE) if w.double_quant else
+        if said != (QUANT_TYPE[w.dtype.value], w.group_size, *((NESTED_SCALES.block, DEQUANT_DTYPE) if w.double_quant else
                                                    (None, None))):
             raise ArtifactError(f"the quant_state says {said[0]} in blocks of {said[1]}, nested blocks {said[2]} of "
                                 f"{said[3]}, and the manifest {w.describe()}", hint=NOT_ONE_BUILD)
@@ -116,25 +120,20 @@ class BitsAndBytesLayout(Layout):
     def config(self, plan, linear_paths):
         w = next(iter(plan.values())).fmt.weight
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-                "bnb_4bit_quant_type": w.dtype.value, "bnb_4bit_use_double_quant": w.double_quant,
+                "bnb_4bit_quant_type": QUANT_TYPE[w.dtype.value], "bnb_4bit_use_double_quant": w.double_quant,
                 "bnb_4bit_compute_dtype": DEQUANT_DTYPE, "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_skip_modules": [p for p in linear_paths if p not in plan] or None}
 
 
-def _four_bit_table(qdtype: QDType) -> bool:
-    """Formats bitsandbytes' 4-bit loaders decode: 16-entry code tables, named as qfx names them."""
-    return qdtype.table is not None and qdtype.bits == 4
-
-
 def _state_key(qdtype: QDType) -> str:
-    return f"weight.quant_state.bitsandbytes__{qdtype.value}"
+    return f"weight.quant_state.bitsandbytes__{QUANT_TYPE[qdtype.value]}"
 
 
 def _state_bytes(w: TensorFormat, n: int, k: int, offset: float | None = None) -> torch.Tensor:
     """The quant_state's non-tensor items as bitsandbytes packs them (JSON in uint8). The offset
     is written with 9 significant digits, enough to give back its float32 exactly, in a fixed
     width, so that the tensor's length follows from the format alone."""
-    state = {"quant_type": w.dtype.value, "blocksize": w.group_size, "dtype": DEQUANT_DTYPE, "shape": [n, k]}
+    state = {"quant_type": QUANT_TYPE[w.dtype.value], "blocksize": w.group_size, "dtype": DEQUANT_DTYPE, "shape": [n, k]}
     text = json.dumps(state)
     if w.double_quant:
         text = text[:-1] + (f', "nested_blocksize": {NESTED_SCALES.block}, "nested_dtype": "{DEQUANT_DTYPE}", '
