@@ -441,6 +441,10 @@ def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:
                                 "no type for", where=source.where(("output", "formats")),
                                 hint="drop onnx from output.formats (the safetensors artifact and the lowered program "
                                      "still run it), or quantize to int4 for ONNX")
+            if tf.outlier_threshold:
+                raise SpecError(f"output.formats asks for onnx, and {path}'s {role} keeps outlier columns in float "
+                                "(LLM.int8), which qfx does not express in ONNX", where=source.where(("output", "formats")),
+                                hint="drop onnx from output.formats, or drop outlier_threshold (plain per_token int8)")
 
 
 def check_layout_transforms(layout: Layout, transforms: dict[str, list[str]]) -> None:

@@ -22,5 +22,9 @@ PRESETS: dict[Preset, dict] = {
     Preset.w4a16_g64: _w4(64),
     Preset.w4a16_g128: _w4(128),
     Preset.w4a16_g128_asym: _w4(128, symmetric=False),
+    # LLM.int8 (bitsandbytes' load_in_8bit): per-token int8 inputs whose columns holding a value
+    # of magnitude 6 or more stay in float
+    Preset.llm_int8: {"weight": _INT8_W, "input": {"dtype": "int8", "granularity": "per_token",
+                                                   "outlier_threshold": 6.0}},
 }
 

@@ -47,7 +47,7 @@ def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
     observer = None if dynamic else (scheme.observer or ObserverKind.minmax)
     return TensorFormat(dtype=dtype, granularity=scheme.granularity, symmetric=scheme.symmetric,
                         group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range,
-                        double_quant=scheme.double_quant)
+                        double_quant=scheme.double_quant, outlier_threshold=scheme.outlier_threshold or 0.0)
 
 
 LAYOUT_LOC = ("output", "layout")

@@ -47,6 +47,7 @@ class Preset(str, enum.Enum):
     w4a16_g64 = "w4a16-g64"
     w4a16_g128 = "w4a16-g128"
     w4a16_g128_asym = "w4a16-g128-asym"
+    llm_int8 = "llm-int8"
 
 
 class TensorScheme(_Model):
@@ -68,6 +69,10 @@ class TensorScheme(_Model):
         default=False, description="per_group weights: their scales, less their mean, coded in 8 bits (a dynamic "
                                    "map) in blocks of 256 with a float32 absmax each: bitsandbytes' "
                                    "bnb_4bit_use_double_quant (output.layout: bitsandbytes)")
+    outlier_threshold: float | None = Field(
+        default=None, gt=0, description="per_token int8 inputs (LLM.int8): the columns holding a value of this "
+                                        "magnitude or more stay in float, the rest are quantized (bitsandbytes' "
+                                        "llm_int8_threshold, 6.0 in preset llm-int8)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -84,6 +89,9 @@ class TensorScheme(_Model):
             raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
+        if self.outlier_threshold is not None and (g is not Granularity.per_token or self.dtype is not DType.int8):
+            raise ValueError(f"outlier_threshold keeps outlier columns of per_token int8 inputs in float; this is "
+                             f"{self.dtype.value} {g.value}: use dtype int8, granularity per_token")
         if self.double_quant and g is not Granularity.per_group:
             raise ValueError(f"double_quant codes the scales of per_group weights; {g.value} has no groups of "
                              "scales to code: use per_group, or drop double_quant")
@@ -100,6 +108,7 @@ class TensorPatch(_Model):
     observer: ObserverKind | None = None
     reduce_range: bool | None = None
     double_quant: bool | None = None
+    outlier_threshold: float | None = Field(default=None, gt=0)
 
 
 class LayerScheme(_Model):
@@ -191,6 +200,8 @@ def takes_field(granularity: Granularity, name: str) -> bool:
     """Whether a scheme of `granularity` may set `name` (as TensorScheme._consistent checks)."""
     if name in ("group_size", "double_quant"):
         return granularity is Granularity.per_group
+    if name == "outlier_threshold":
+        return granularity is Granularity.per_token
     if name == "observer":
         return granularity is not Granularity.per_token
     return True

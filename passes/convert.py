@@ -60,12 +60,20 @@ class _Editor:
         x_val = x.meta.get("val")
         q = fmt.dtype.value
         if fmt.dynamic:
-            both = self.call(ops.QUANTIZE_PER_TOKEN, (x, q), "quantize", None)
+            outliers = fmt.outlier_threshold > 0  # LLM.int8: its outlier columns pass in float
+            both = self.call(ops.QUANTIZE_PER_TOKEN_OUTLIERS if outliers else ops.QUANTIZE_PER_TOKEN,
+                             (x, q, fmt.outlier_threshold) if outliers else (x, q), "quantize", None)
             codes = self.call(operator.getitem, (both, 0), "quantize", _fake_like(x_val, fmt.dtype.storage))
             scale = self.call(operator.getitem, (both, 1), "quantize",
                               _fake_like(x_val, torch.float32, (*x_val.shape[:-1], 1)) if x_val is not None else None)
             both.meta["val"] = (codes.meta.get("val"), scale.meta.get("val"))
-            return self.call(ops.DEQUANTIZE, (codes, scale, None, q, -1, 0, x_val.dtype), "dequantize", x_val)
+            dq = self.call(ops.DEQUANTIZE, (codes, scale, None, q, -1, 0, x_val.dtype), "dequantize", x_val)
+            if not outliers:
+                return dq
+            columns = self.call(operator.getitem, (both, 2), "quantize",
+                                _fake_like(x_val, torch.bool, x_val.shape[-1:]))
+            both.meta["val"] = (*both.meta["val"], columns.meta.get("val"))
+            return self.call(torch.ops.aten.where.self, (columns, x, dq), "dequantize", x_val)
         scale, zero_point = qparams_from_range(*lo_hi, fmt)
         scale_node = self.buffer(f"{prefix}_scale", scale)
         zp_node = self.buffer(f"{prefix}_zero_point", zero_point)

@@ -90,6 +90,8 @@ def scaled_arguments(linear: torch.fx.Node, inputs: dict, op: str) -> tuple | st
         return f"its {w_qdtype} weight is in groups: no fused op for it yet"
     if w_zero_point is not None:
         return f"its {w_qdtype} weight has a zero point: the {op} op takes symmetric weights"
+    if _is(x_dq, torch.ops.aten.where.self):
+        return "its input keeps outlier columns in float (LLM.int8): no fused op for it yet"
     if not _is(x_dq, ops.DEQUANTIZE):
         return "its input is float (weight-only): no fused op for it yet"
     found = _quantized_input(x_dq, inputs, op)

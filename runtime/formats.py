@@ -165,16 +165,22 @@ class ScaleDType(str, enum.Enum):
 
     float32 = "float32"
     float16 = "float16"  # GPTQ's scales
+    # float32 absmax, scale x qmax (bitsandbytes' SCB and 4-bit absmax): the checkpoint holds
+    # fl(scale * qmax) and a reader takes fl(absmax / qmax) back
+    float32_absmax = "float32_absmax"
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {"float32": torch.float32, "float16": torch.float16}[self.value]
+        return torch.float16 if self is ScaleDType.float16 else torch.float32
 
-    def representable(self, scale: torch.Tensor) -> torch.Tensor:
+    def representable(self, scale: torch.Tensor, qmax: float) -> torch.Tensor:
         """float32 `scale` rounded to the nearest value this dtype holds; positive scales stay
-        positive (float16's smallest subnormal, 2**-24, is the floor)."""
+        positive (float16's smallest subnormal, 2**-24, is the floor). For an absmax, the scale
+        its own round trip gives: one round trip more changes no scale (a test checks it)."""
         if self is ScaleDType.float32:
             return scale
+        if self is ScaleDType.float32_absmax:
+            return scale.mul(qmax).div(qmax)
         return scale.clamp(min=2.0**-24, max=65504.0).to(self.torch_dtype).float()
 
 
@@ -196,6 +202,9 @@ class TensorFormat:
     reduce_range: bool = False  # int8 weights in 7 bits, -64..63 (see the spec field)
     scale_dtype: ScaleDType = ScaleDType.float32  # set by the output layout (runtime.layouts)
     double_quant: bool = False  # per-group scales coded as NESTED_SCALES (see the spec field)
+    # per_token int8 inputs: columns holding a value of this magnitude or more stay in float
+    # (LLM.int8); 0 keeps every column quantized
+    outlier_threshold: float = 0.0
 
     @property
     def qmin(self) -> float:
@@ -222,7 +231,13 @@ class TensorFormat:
             text += f" {self.scale_dtype.value} scales"
         if self.double_quant:
             text += " double-quantized scales"
+        if self.outlier_threshold:
+            text += f" outliers >= {self.outlier_threshold:g} in float"
         return text
+
+    def representable_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` as the layout stores it (`scale_dtype`), before any code is chosen."""
+        return self.scale_dtype.representable(scale, self.qmax)
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype.value, "granularity": self.granularity.value,
@@ -230,7 +245,8 @@ class TensorFormat:
                 "observer": None if self.observer is None else self.observer.value,
                 **({"reduce_range": True} if self.reduce_range else {}),
                 **({"scale_dtype": self.scale_dtype.value} if self.scale_dtype is not ScaleDType.float32 else {}),
-                **({"double_quant": True} if self.double_quant else {})}
+                **({"double_quant": True} if self.double_quant else {}),
+                **({"outlier_threshold": self.outlier_threshold} if self.outlier_threshold else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorFormat":
@@ -240,7 +256,8 @@ class TensorFormat:
                    observer=None if observer is None else ObserverKind(observer),
                    reduce_range=bool(data.get("reduce_range", False)),
                    scale_dtype=ScaleDType(data.get("scale_dtype", "float32")),
-                   double_quant=bool(data.get("double_quant", False)))
+                   double_quant=bool(data.get("double_quant", False)),
+                   outlier_threshold=float(data.get("outlier_threshold", 0.0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +315,9 @@ def format_problem(fmt: LayerFormat) -> str | None:
             return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
         if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):
             return f"{role} has reduce_range, which applies to int8 weights only"
+        if tf.outlier_threshold and (role != "input" or not tf.dynamic or tf.dtype is not QDType.int8
+                                     or not tf.outlier_threshold > 0):
+            return f"{role} is {tf.describe()}; outlier columns apply to per_token int8 inputs only"
         if tf.double_quant and (role != "weight" or not per_group):
             return f"{role} is {tf.describe()}; double quantization codes the scales of per_group weights only"
     return None

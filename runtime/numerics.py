@@ -125,8 +125,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
     hi = torch.clamp(hi.float(), min=0.0)
     if fmt.symmetric:
         amax = torch.maximum(-lo, hi)
-        return fmt.scale_dtype.representable(torch.clamp(amax / fmt.qmax, min=MIN_SCALE)), None
-    scale = fmt.scale_dtype.representable(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE))
+        return fmt.representable_scale(torch.clamp(amax / fmt.qmax, min=MIN_SCALE)), None
+    scale = fmt.representable_scale(torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=MIN_SCALE))
     zero_point = torch.clamp(torch.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point.to(fmt.dtype.storage)
 
@@ -209,6 +209,24 @@ def quantize_per_token(x: torch.Tensor, qdtype: QDType) -> tuple[torch.Tensor, t
     """Dynamic symmetric quantization with one scale per row of the last axis."""
     scale = per_token_scale(x, qdtype)
     return quantize(x, scale, None, qdtype), scale
+
+
+def quantize_per_token_outliers(x: torch.Tensor, qdtype: QDType, threshold: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's input quantization, bitsandbytes' arithmetic (int8_vectorwise_quant on the input
+    rounded to float16): (codes, scale per row, outlier columns). A column holding a value of
+    magnitude >= `threshold` in any row is an outlier column: it stays in float, its codes 0. Each
+    row's codes are round(x * (qmax / absmax)), absmax over its values below the threshold (in
+    every column); its scale is absmax / qmax."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float16)
+    big = rows.abs() >= threshold
+    inliers = rows.masked_fill(big, 0.0)
+    outliers = big.any(dim=0)
+    amax = inliers.abs().amax(dim=-1, keepdim=True).float()
+    codes = (inliers * torch.where(amax > 0, qdtype.qmax / amax, 0.0)).round_().to(qdtype.storage)
+    codes.masked_fill_(outliers, 0)
+    scale = torch.clamp(amax / qdtype.qmax, min=MIN_SCALE)
+    return codes.reshape(x.shape), scale.reshape(*x.shape[:-1], 1), outliers
 
 
 def fn_to_fnuz(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,19 @@ def _(x, qdtype):
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@torch.library.custom_op("qfx::quantize_per_token_outliers", mutates_args=())
+def quantize_per_token_outliers(x: torch.Tensor, qdtype: str, threshold: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's input: per-token codes, and the columns that stay in float (numerics)."""
+    return numerics.quantize_per_token_outliers(x, QDType(qdtype), threshold)
+
+
+@quantize_per_token_outliers.register_fake
+def _(x, qdtype, threshold):
+    return (torch.empty_like(x, dtype=QDType(qdtype).storage),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32), x.new_empty(x.shape[-1:], dtype=torch.bool))
+
+
 @torch.library.custom_op("qfx::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """x @ H / sqrt(n) over the last dimension (qfx.runtime.hadamard)."""
@@ -68,4 +81,5 @@ def _(x):
 QUANTIZE = torch.ops.qfx.quantize.default
 DEQUANTIZE = torch.ops.qfx.dequantize.default
 QUANTIZE_PER_TOKEN = torch.ops.qfx.quantize_per_token.default
+QUANTIZE_PER_TOKEN_OUTLIERS = torch.ops.qfx.quantize_per_token_outliers.default
 HADAMARD = torch.ops.qfx.hadamard.default

@@ -18,6 +18,9 @@ from qfx.runtime.numerics import weight_axis
 
 def qdq_activation(x: torch.Tensor, fmt: TensorFormat, scale: torch.Tensor | None,
                    zero_point: torch.Tensor | None) -> torch.Tensor:
+    if fmt.dynamic and fmt.outlier_threshold:  # LLM.int8: outlier columns pass in float
+        codes, token_scale, outliers = ops.quantize_per_token_outliers(x, fmt.dtype.value, fmt.outlier_threshold)
+        return torch.where(outliers, x, ops.dequantize(codes, token_scale, None, fmt.dtype.value, -1, 0, x.dtype))
     if fmt.dynamic:
         codes, token_scale = ops.quantize_per_token(x, fmt.dtype.value)
         return ops.dequantize(codes, token_scale, None, fmt.dtype.value, -1, 0, x.dtype)

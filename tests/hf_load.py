@@ -8,6 +8,9 @@ model's dtype, where the default CPU kernel rounds activations to bfloat16.
 bitsandbytes: `logits` come from its exact CPU path (dequantize, then a float matmul) and
 `fast_logits` from the bfloat16 kernel it switches to on CPUs with AVX512-BF16 (the same path
 where the CPU lacks it).
+bitsandbytes 8-bit (LLM.int8): `a:NAME` is each linear's input as bitsandbytes quantizes it
+(int8_vectorwise_quant of the float16 input: codes x row absmax / 127, outlier columns as they
+came), for a comparison that a code flipped by float rounding cannot cascade through.
 Prints JSON: what transformers reported while loading, and the module type of one layer. Writes
 the logits and, for GPTQ's and bitsandbytes' linears, the [out, in] weight each one computes with
 (`w:NAME`)."""
@@ -29,13 +32,33 @@ if len(sys.argv) > 4:
 model, info = AutoModelForCausalLM.from_pretrained(artifact, output_loading_info=True, **options)
 model.eval()
 ids = load_file(ids_path)["input_ids"]
+captured = {}
+
+
+def capture_llm_int8_input(name, threshold):
+    def hook(module, args):
+        import bitsandbytes.functional as F
+
+        x = args[0]
+        rows = x.reshape(-1, x.shape[-1])
+        codes, row_absmax, columns = F.int8_vectorwise_quant(rows.to(torch.float16), threshold=threshold)
+        value = codes.float() * (row_absmax / 127).unsqueeze(1)
+        if columns is not None and columns.numel():
+            value[:, columns] = rows[:, columns].float()
+        captured[f"a:{name}"] = value.reshape(x.shape).contiguous()
+    return hook
+
+
+for name, m in model.named_modules():
+    if type(m).__name__ == "Linear8bitLt":
+        m.register_forward_pre_hook(capture_llm_int8_input(name, m.state.threshold))
 four_bit = {name: m for name, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
 fast = {m: m.support_avx512bf16_for_cpu for m in four_bit.values()}
 for m in four_bit.values():
     m.support_avx512bf16_for_cpu = False
 with torch.no_grad():
     logits = model(input_ids=ids, use_cache=False).logits
-extra = {}
+extra = dict(captured)
 if four_bit:
     import bitsandbytes.functional as F
 

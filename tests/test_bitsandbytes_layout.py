@@ -93,8 +93,10 @@ def test_bnb_fp4_is_stored_under_bitsandbytes_name_for_it(tmp_path):
 
 
 @pytest.mark.parametrize("layout, quantization, message", [
-    ("bitsandbytes", {"preset": "w8a8-fp8"}, "bitsandbytes 4-bit checkpoints are weight-only"),
-    ("bitsandbytes", {"preset": "w4a16-g64"}, "bitsandbytes stores 4-bit code-table weights \\(nf4 or bnb_fp4\\) here, not int4"),
+    ("bitsandbytes", {"preset": "w8a8-fp8"}, "or LLM.int8 \\(preset llm-int8\\) here, not fp8_e4m3fn weights"),
+    ("bitsandbytes", {"default": {"weight": NF4_G64["default"]["weight"], "input": {"dtype": "int8"}}},
+     "bitsandbytes 4-bit checkpoints are weight-only"),
+    ("bitsandbytes", {"preset": "w4a16-g64"}, "bitsandbytes stores 4-bit code-table weights \\(nf4 or bnb_fp4\\) or LLM.int8"),
     ("quark", NF4_G64, "Quark has no nf4"),
     ("gptq", NF4_G64, "GPTQ stores 2/4/8-bit integer weights, not nf4"),
     ("compressed-tensors", NF4_G64, "compressed-tensors has no nf4"),
@@ -205,7 +207,7 @@ def test_double_quantization_where_it_cannot_go_is_refused(tmp_path, layout, qua
 
 def test_one_config_holds_one_double_quant_setting(tmp_path):
     quantization = dict(NF4_G64_DQ, rules=[{"match": ["*down_proj"], "weight": {"double_quant": False}}])
-    with pytest.raises(SpecError, match="one bnb_4bit_use_double_quant"):
+    with pytest.raises(SpecError, match="a bitsandbytes config has one quant_type and bnb_4bit_use_double_quant"):
         bnb_build(tmp_path, **quantization)
 
 
@@ -221,3 +223,71 @@ def test_a_nested_quant_map_that_is_not_the_dynamic_map_is_refused(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(ArtifactError, match="weight.nested_quant_map is not the 8-bit dynamic map"):
         qfx.runtime.load(result.artifact_dir, verify_hashes=False)
+
+
+def test_llm_int8_is_stored_as_bitsandbytes_8bit_checkpoints_are(tmp_path):
+    result = bnb_build(tmp_path, preset="llm-int8", exclude=["lm_head"])
+    config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
+    assert (config["load_in_8bit"], config["load_in_4bit"], config["llm_int8_threshold"]) == (True, False, 6.0)
+    tensors = load_file(str(result.artifact_dir / "model.safetensors"))
+    prefix = "model.layers.0.mlp.down_proj."
+    assert {k[len(prefix):] for k in tensors if k.startswith(prefix)} == {"weight", "SCB", "weight_format"}
+    assert tensors[prefix + "weight"].dtype == torch.int8 and tensors[prefix + "weight"].shape == (64, 128)
+    model = qfx.runtime.load(result.artifact_dir)
+    layer = model.model.layers[0].mlp.down_proj
+    assert torch.equal(tensors[prefix + "SCB"], layer.weight_scale.reshape(-1) * 127)  # each row's absmax
+    assert torch.equal(layer.weight, tensors[prefix + "weight"])
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result.graph(ids))
+
+
+@settings(max_examples=200, deadline=None)
+@given(exponent=st.floats(-30, 10), mantissa=st.floats(1.0, 2.0, exclude_max=True))
+def test_absmax_scales_survive_their_round_trip(exponent, mantissa):
+    """float32_absmax scales: the checkpoint holds fl(scale * 127), the reader fl(absmax / 127); a
+    scale rounded once comes back unchanged."""
+    from qfx.runtime.formats import ScaleDType
+
+    scale = ScaleDType.float32_absmax.representable(torch.tensor(mantissa * 2.0**exponent), 127.0)
+    assert torch.equal((scale * 127) / 127, scale)
+
+
+def test_llm_int8_inputs_keep_outlier_columns_in_float():
+    """A column with one value of magnitude >= 6 passes whole in float; the other columns are
+    coded against each row's absmax below the threshold, outlier columns' small values included."""
+    from qfx.runtime.formats import Granularity, TensorFormat
+    from qfx.runtime.numerics import quantize_per_token_outliers
+    from qfx.runtime.quant_linear import qdq_activation
+
+    x = torch.tensor([[0.5, 7.0, -1.0, 0.25], [0.1, 2.0, 0.2, -0.3]])
+    codes, scale, columns = quantize_per_token_outliers(x, QDType.int8, 6.0)
+    assert columns.tolist() == [False, True, False, False]
+    assert torch.equal(scale.reshape(-1), torch.tensor([1.0, 2.0]) / 127)  # row 2: 2.0 of the outlier column counts
+    assert codes[:, 1].tolist() == [0, 0]
+    fmt = TensorFormat(QDType.int8, Granularity.per_token, observer=None, outlier_threshold=6.0)
+    y = qdq_activation(x, fmt, None, None)
+    assert torch.equal(y[:, 1], x[:, 1]) and float((y - x).abs().max()) <= 2.0 / 127 / 2 + 1e-6
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"preset": "w8a8-int8", "default": {"input": {"outlier_threshold": 6.0}}},
+     "outlier_threshold keeps outlier columns of per_token int8 inputs in float; this is int8 per_tensor"),
+    ({"preset": "llm-int8", "default": {"weight": {"outlier_threshold": 6.0}}},
+     "outlier_threshold keeps outlier columns of per_token int8 inputs in float; this is int8 per_channel"),
+    ({"preset": "w8a8-int8"}, "bitsandbytes 8-bit checkpoints \\(LLM.int8\\) hold int8 per_channel symmetric weights"),
+    ({"preset": "llm-int8", "rules": [{"match": ["*down_proj"], "input": {"outlier_threshold": 4.0}}]},
+     "a bitsandbytes config has one quant_type and bnb_4bit_use_double_quant, or one llm_int8_threshold"),
+])
+def test_llm_int8_schemes_bitsandbytes_cannot_hold_are_refused(tmp_path, quantization, message):
+    with pytest.raises(SpecError, match=message):
+        bnb_build(tmp_path, exclude=["lm_head"], **quantization)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_llm_int8_with_onnx_output_is_refused_before_any_work(tmp_path):
+    spec = tiny_spec(preset="llm-int8")
+    spec.update(output={"dir": str(tmp_path / "artifact"), "formats": ["safetensors", "onnx"]})
+    with pytest.raises(SpecError, match="keeps outlier columns in float \\(LLM.int8\\)"):
+        qfx.compile(spec=spec)
+    assert not (tmp_path / "artifact").exists()

@@ -290,8 +290,8 @@ CASES: dict[str, Case] = {
     "manifest-without-model": Case(lambda f: edit_manifest(f, lambda m: m.pop("model")),
                                    r"manifest\.json has no 'model'", ALL),
     "layer-format-does-not-parse": Case(
-        lambda f: edit_manifest(f, lambda m: m["layers"][LAYER]["format"]["weight"].__setitem__("dtype", "int3")),
-        rf"the format of layer {LAYER} does not parse: ValueError: 'int3'", ("load", "inspect")),
+        lambda f: edit_manifest(f, lambda m: m["layers"][LAYER]["format"]["weight"].__setitem__("dtype", "int9")),
+        rf"the format of layer {LAYER} does not parse: ValueError: 'int9'", ("load", "inspect")),
     "layer-format-impossible": Case(
         lambda f: edit_manifest(f, lambda m: m["layers"][LAYER]["format"]["input"].__setitem__(
             "granularity", "per_channel")),

@@ -1,4 +1,8 @@
-"""bitsandbytes' 4-bit layout, as transformers saves and loads `load_in_4bit` models.
+"""bitsandbytes' layouts, as transformers saves and loads `load_in_4bit` and `load_in_8bit` models.
+
+8-bit (LLM.int8): `weight` int8 [N, K], `SCB` float32 [N] (each row's absmax: the scale x 127)
+and `weight_format` (uint8 0: row-major); the config's `llm_int8_threshold` is the inputs'
+outlier threshold (0: no outlier columns). 4-bit:
 
 Per layer: `weight` uint8 [N*K/2, 1], two codes a byte with the first in the HIGH nibble, in
 the row-major order of the [N, K] weight; `weight.absmax` float32, one scale per block of
@@ -20,7 +24,7 @@ import torch
 
 from qfx.runtime import numerics
 from qfx.runtime.errors import ArtifactError
-from qfx.runtime.formats import NESTED_SCALES, Granularity, LayerFormat, LayerQuant, QDType, TensorFormat
+from qfx.runtime.formats import NESTED_SCALES, Granularity, LayerFormat, LayerQuant, QDType, ScaleDType, TensorFormat
 from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 
 # The float dtype bitsandbytes dequantizes to: qfx's runtime computes in float32.
@@ -30,34 +34,63 @@ DEQUANT_DTYPE = "float32"
 QUANT_TYPE = {"nf4": "nf4", "bnb_fp4": "fp4"}
 
 
+def _is_int8(tf: TensorFormat | None) -> bool:
+    return tf is not None and tf.dtype.is_integer and tf.dtype.bits == 8 and tf.dtype.is_signed
+
+
+def _eight_bit(fmt: LayerFormat) -> bool:
+    """LLM.int8's format: int8 weights per channel, per-token int8 inputs."""
+    return _is_int8(fmt.weight) and _is_int8(fmt.input)
+
+
+def _config_key(fmt: LayerFormat) -> tuple:
+    """What the one config.json says of every layer."""
+    return ("8-bit", fmt.input.outlier_threshold) if _eight_bit(fmt) else (fmt.weight.dtype, fmt.weight.double_quant)
+
+
 class BitsAndBytesLayout(Layout):
     name = "bitsandbytes"
     holds_input_transforms = False
     holds_double_quant = True
+    weight_scale_dtype = ScaleDType.float32_absmax
 
     def format_problem(self, fmt: LayerFormat) -> str | None:
-        w = fmt.weight
-        if fmt.input is not None or fmt.output is not None:
-            return "bitsandbytes 4-bit checkpoints are weight-only: the input and output must stay in float (null)"
+        w, x = fmt.weight, fmt.input
+        if fmt.output is not None:
+            return "bitsandbytes keeps layer outputs in float: output must be null"
+        if _eight_bit(fmt):
+            if w.granularity is not Granularity.per_channel or not w.symmetric or not x.dynamic:
+                return (f"bitsandbytes 8-bit checkpoints (LLM.int8) hold int8 per_channel symmetric weights and "
+                        f"per_token int8 inputs (preset llm-int8), not weight {w.describe()}, input {x.describe()}")
+            return None
         if w is None or w.dtype.value not in QUANT_TYPE:
-            return (f"bitsandbytes stores 4-bit code-table weights ({' or '.join(QUANT_TYPE)}) here, not "
-                    f"{w.dtype.value if w else 'float'}")
+            return (f"bitsandbytes stores 4-bit code-table weights ({' or '.join(QUANT_TYPE)}) or LLM.int8 "
+                    f"(preset llm-int8) here, not {w.dtype.value if w else 'float'} weights")
+        if x is not None:
+            return "bitsandbytes 4-bit checkpoints are weight-only: the input must stay in float (null)"
         if w.granularity is not Granularity.per_group:
             return f"bitsandbytes scales blocks of consecutive weights: use per_group, not {w.granularity.value}"
         return None
 
     def plan_problem(self, plan: dict[str, LayerQuant], linear_paths: list[str]) -> tuple[str, str] | None:
-        """One config: one quant_type for every quantized linear."""
+        """One config: one quant_type (or 8 bits and one threshold) for every quantized linear."""
         first = next(iter(plan.values()), None)
         for path, quant in plan.items():
-            w, w0 = quant.fmt.weight, first.fmt.weight
-            if (w.dtype, w.double_quant) != (w0.dtype, w0.double_quant):
-                return path, (f"it is {w.describe()} and {first.module} is {w0.describe()}; a bitsandbytes config "
-                              "has one quant_type and one bnb_4bit_use_double_quant")
+            if _config_key(quant.fmt) != _config_key(first.fmt):
+                return path, (f"it is {', '.join(f'{r} {t.describe()}' for r, t in quant.fmt.tensors.items())} and "
+                              f"{first.module} {', '.join(f'{r} {t.describe()}' for r, t in first.fmt.tensors.items())}; "
+                              "a bitsandbytes config has one quant_type and bnb_4bit_use_double_quant, or one "
+                              "llm_int8_threshold")
         return None
 
     def to_artifact(self, tensors, fmt):
         w = fmt.weight
+        if _eight_bit(fmt):
+            out = {key: v for key, v in tensors.items() if not key.startswith("weight")}
+            out["weight"] = tensors["weight"].to(torch.int8)
+            out["SCB"] = (tensors["weight_scale"].reshape(-1) * w.qmax).float()
+            out["weight_format"] = torch.tensor(0, dtype=torch.uint8)
+            return out
         codes = tensors["weight"]
         n, k = codes.shape
         flat = codes.reshape(-1).to(torch.uint8)
@@ -76,6 +109,13 @@ class BitsAndBytesLayout(Layout):
 
     def from_artifact(self, tensors, fmt):
         w = fmt.weight
+        if _eight_bit(fmt):
+            if int(tensors["weight_format"]) != 0:
+                raise ArtifactError(f"weight_format is {int(tensors['weight_format'])}, not 0 (row-major)",
+                                    hint=NOT_ONE_BUILD)
+            out = {key: v for key, v in tensors.items() if key not in ("SCB", "weight_format")}
+            out["weight_scale"] = tensors["SCB"] / w.qmax
+            return out
         state = json.loads(bytes(tensors[_state_key(w.dtype)].tolist()).decode("utf-8"))
         n, k = state["shape"]
         said = (state.get("quant_type"), state.get("blocksize"), state.get("nested_blocksize"),
@@ -105,6 +145,9 @@ class BitsAndBytesLayout(Layout):
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
         w = fmt.weight
         n, k = out_features, in_features
+        if _eight_bit(fmt):
+            out = {"weight": (torch.int8, (n, k)), "SCB": (torch.float32, (n,)), "weight_format": (torch.uint8, ())}
+            return {**out, **({"bias": (float_dtype, (n,))} if bias else {})}
         groups = n * k // w.group_size
         out = {"weight": (torch.uint8, (n * k // 2, 1)),
                "weight.absmax": (torch.uint8 if w.double_quant else torch.float32, (groups,)),
@@ -118,11 +161,17 @@ class BitsAndBytesLayout(Layout):
         return out
 
     def config(self, plan, linear_paths):
-        w = next(iter(plan.values())).fmt.weight
+        fmt = next(iter(plan.values())).fmt
+        skip = [p for p in linear_paths if p not in plan] or None
+        if _eight_bit(fmt):
+            return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
+                    "llm_int8_threshold": fmt.input.outlier_threshold, "llm_int8_has_fp16_weight": False,
+                    "llm_int8_skip_modules": skip}
+        w = fmt.weight
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": QUANT_TYPE[w.dtype.value], "bnb_4bit_use_double_quant": w.double_quant,
                 "bnb_4bit_compute_dtype": DEQUANT_DTYPE, "bnb_4bit_quant_storage": "uint8",
-                "llm_int8_skip_modules": [p for p in linear_paths if p not in plan] or None}
+                "llm_int8_skip_modules": skip}
 
 
 def _state_key(qdtype: QDType) -> str:
