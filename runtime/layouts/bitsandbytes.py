@@ -9,12 +9,12 @@ the row-major order of the [N, K] weight; `weight.absmax` float32, one scale per
 `blocksize` consecutive elements (qfx's groups of one row, since K is a multiple of the group
 size); `weight.quant_map`, the 16-entry code table; `weight.quant_state.bitsandbytes__nf4` (or
 `__fp4`), the JSON of the rest (quant_type, blocksize, dtype, shape) as uint8 bytes. With double
-quantization
-(`bnb_4bit_use_double_quant`) `weight.absmax` holds the scales' uint8 codes instead,
+quantization (`bnb_4bit_use_double_quant`) `weight.absmax` holds the scales' uint8 codes instead,
 `weight.nested_absmax` (float32, one per block of 256 scales) and `weight.nested_quant_map` (the
 dynamic map) decode them, and the JSON adds nested_blocksize, nested_dtype and nested_offset (the
-scales' mean). The config's `llm_int8_skip_modules` names, by full path, the linears that stay in
-float.
+scales' mean).
+
+Both: the config's `llm_int8_skip_modules` names, by full path, the linears that stay in float.
 """
 from __future__ import annotations
 
@@ -120,8 +120,8 @@ class BitsAndBytesLayout(Layout):
         n, k = state["shape"]
         said = (state.get("quant_type"), state.get("blocksize"), state.get("nested_blocksize"),
                 state.get("nested_dtype"))
-        if said != (QUANT_TYPE[w.dtype.value], w.group_size, *((NESTED_SCALES.block, DEQUANT_DTYPE) if w.double_quant else
-                                                   (None, None))):
+        nested = (NESTED_SCALES.block, DEQUANT_DTYPE) if w.double_quant else (None, None)
+        if said != (QUANT_TYPE[w.dtype.value], w.group_size, *nested):
             raise ArtifactError(f"the quant_state says {said[0]} in blocks of {said[1]}, nested blocks {said[2]} of "
                                 f"{said[3]}, and the manifest {w.describe()}", hint=NOT_ONE_BUILD)
         if not torch.equal(tensors["weight.quant_map"], w.dtype.table):
