@@ -76,7 +76,7 @@ class HeldCodes:
     def release(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         codes = self.codes
         if self.packed:
-            if self.qdtype.is_signed:  # an arithmetic shift right sign-extends each nibble
+            if self.qdtype.storage.is_signed:  # an arithmetic shift right sign-extends each nibble
                 low, high = (codes << 4).view(torch.int8) >> 4, codes.view(torch.int8) >> 4
             else:
                 low, high = codes & 0xF, codes >> 4

@@ -5,9 +5,8 @@ Each node runs once per batch, in graph order, and each value is freed after its
 The stretch between two chosen linears runs batch by batch, so memory holds every batch's copy
 only of the values that cross a chosen linear (samples x seq x hidden each: the residual
 stream, the chosen inputs) plus what the algorithm keeps, and time is one forward pass over the
-data: linear in depth,
-where re-running the graph up to each layer would be quadratic. A layer's weight is needed
-only while its own node runs, the door to streaming models larger than memory.
+data: linear in depth, where re-running the graph up to each layer would be quadratic. A layer's
+weight is needed only while its own node runs, the door to streaming models larger than memory.
 
 With `sequential`, the weight the algorithm returns is the one the linear runs with, so later
 layers see the quantized model's activations (what they will see at inference); without it,

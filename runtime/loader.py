@@ -191,11 +191,14 @@ def load(folder: str | Path, model: torch.nn.Module | None = None, verify_hashes
     check_fits(model, header, manifest, path)
     tensors = read_tensors(path)
     layout = layout_named(manifest.get("layout", DEFAULT_LAYOUT))
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}  # each quantized layer's tensors, by name within it
+    for name in list(tensors):
+        if (owner := layer_of(name, manifest["layers"])) is not None:
+            by_layer.setdefault(owner, {})[name[len(owner) + 1:]] = tensors.pop(name)
     for layer_path, record in manifest["layers"].items():
         fmt = LayerFormat.from_json(record["format"])
         linear = _linear(model, layer_path)
-        prefix = layer_path + "."
-        layer = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if layer_of(k, manifest["layers"]) == layer_path}
+        layer = by_layer.get(layer_path, {})
         transforms = _input_transforms(record, layer_path, folder)
         check_artifact_layer(layout, layer, fmt, linear.in_features, linear.out_features, linear.bias is not None,
                              linear.weight.dtype, layer_path, transforms)
