@@ -436,6 +436,13 @@ def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:
     """Refuse, before any work, an ONNX artifact for a format ONNX has no type for."""
     for path, quant in plan.items():
         for role, tf in quant.fmt.tensors.items():
+            if tf.dtype.is_mx:
+                raise SpecError(f"output.formats asks for onnx, and {path}'s {role} is {tf.dtype.value}, an MX format "
+                                "(E8M0 scales per block of 32), which qfx does not emit in ONNX: opset 21 has no "
+                                "FP4/FP6 type, and its block-scaled QuantizeLinear takes float scales",
+                                where=source.where(("output", "formats")),
+                                hint="drop onnx from output.formats (the Quark safetensors and the lowered program run "
+                                     "it), or build ONNX from an int4 / int8 / fp8_e4m3 spec")
             if tf.dtype.spec.onnx_type is None:
                 raise SpecError(f"output.formats asks for onnx, and {path}'s {role} is {tf.dtype.value}, which ONNX has "
                                 "no type for", where=source.where(("output", "formats")),

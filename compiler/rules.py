@@ -38,12 +38,14 @@ def _unmatched(pattern: str, loc: tuple, source: SpecSource, paths: list[str]) -
                           "on the full module path, e.g. '*k_proj'")
 
 
-def to_format(scheme: TensorScheme, target: Target) -> TensorFormat:
+def to_format(scheme: TensorScheme, target: Target, role: str) -> TensorFormat:
     if scheme.dtype is DType.fp8_e4m3:
         dtype = QDType.fp8_e4m3fnuz if target is Target.gfx942 else QDType.fp8_e4m3fn
     else:
         dtype = QDType(scheme.dtype.value)
-    dynamic = scheme.granularity is Granularity.per_token
+    # per_group activations (MX) are dynamic like per_token: scales taken at run time
+    dynamic = scheme.granularity is Granularity.per_token or (
+        role != "weight" and scheme.granularity is Granularity.per_group)
     observer = None if dynamic else (scheme.observer or ObserverKind.minmax)
     return TensorFormat(dtype=dtype, granularity=scheme.granularity, symmetric=scheme.symmetric,
                         group_size=scheme.group_size or 0, observer=observer, reduce_range=scheme.reduce_range,
@@ -106,7 +108,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                 raise SpecError(f"group_size {scheme.group_size} does not divide in_features "
                                 f"{layer.in_features} of {layer.path}", where=where,
                                 hint="pick a group size that divides it, or exclude the layer")
-            formats[role] = to_format(scheme, target)
+            formats[role] = to_format(scheme, target, role)
         if formats["weight"] is not None:
             formats["weight"] = dataclasses.replace(formats["weight"], scale_dtype=layout.weight_scale_dtype)
         fmt = LayerFormat(**formats)

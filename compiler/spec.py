@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from qfx.runtime.formats import Granularity, ObserverKind
+from qfx.runtime.formats import MX_BLOCK, Granularity, ObserverKind, QDType
 
 
 class _Model(BaseModel):
@@ -30,6 +30,13 @@ class DType(str, enum.Enum):
     fp8_e4m3 = "fp8_e4m3"  # E4M3FNUZ on gfx942, OCP E4M3FN elsewhere
     nf4 = "nf4"  # NormalFloat4 weights (bitsandbytes, QLoRA), per_group: the group's absmax is its scale
     bnb_fp4 = "bnb_fp4"  # bitsandbytes' FP4 weights (its quant_type fp4), per_group like nf4
+    # OCP MX (MI350 / gfx950): per_group with group_size 32 and an E8M0 scale each; weights, and
+    # inputs quantized at run time
+    mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8 = "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8"
+
+    @property
+    def is_mx(self) -> bool:
+        return self is not DType.fp8_e4m3 and QDType(self.value).is_mx
 
 
 class Target(str, enum.Enum):
@@ -48,6 +55,10 @@ class Preset(str, enum.Enum):
     w4a16_g128 = "w4a16-g128"
     w4a16_g128_asym = "w4a16-g128-asym"
     llm_int8 = "llm-int8"
+    w4a4_mxfp4 = "w4a4-mxfp4"
+    w6a6_mxfp6_e2m3 = "w6a6-mxfp6-e2m3"
+    w6a6_mxfp6_e3m2 = "w6a6-mxfp6-e3m2"
+    w8a8_mxfp8 = "w8a8-mxfp8"
 
 
 class TensorScheme(_Model):
@@ -77,6 +88,10 @@ class TensorScheme(_Model):
     @model_validator(mode="after")
     def _consistent(self):
         g = self.granularity
+        if self.dtype.is_mx and (g is not Granularity.per_group or self.group_size != MX_BLOCK):
+            raise ValueError(f"{self.dtype.value} shares one E8M0 scale per {MX_BLOCK} elements: set granularity: "
+                             f"per_group, group_size: {MX_BLOCK}"
+                             + (f" (not {self.group_size})" if self.group_size is not None else ""))
         if g is Granularity.per_group and self.group_size is None:
             raise ValueError("per_group needs group_size (e.g. 32, 64, 128)")
         if g is not Granularity.per_group and self.group_size is not None:
@@ -85,7 +100,7 @@ class TensorScheme(_Model):
             raise ValueError("per_token is dynamic (scales computed at run time); remove `observer`")
         if self.dtype.value.startswith("uint") and self.symmetric:
             raise ValueError(f"{self.dtype.value} is unsigned, so asymmetric: set symmetric: false")
-        if self.dtype in (DType.fp8_e4m3, DType.nf4, DType.bnb_fp4) and not self.symmetric:
+        if (self.dtype in (DType.fp8_e4m3, DType.nf4, DType.bnb_fp4) or self.dtype.is_mx) and not self.symmetric:
             raise ValueError(f"{self.dtype.value} has no zero point: it is symmetric only")
         if self.reduce_range and self.dtype is not DType.int8:
             raise ValueError(f"reduce_range applies to int8 weights, not {self.dtype.value}")
@@ -512,10 +527,17 @@ def role_problem(role: str, scheme: TensorScheme) -> str | None:
         return None
     if scheme.reduce_range:
         return "reduce_range applies to weights; activations keep the full int8 range"
+    if scheme.dtype.is_mx:
+        if role == "output":
+            return f"{scheme.dtype.value} outputs are not supported; MX quantizes weights and inputs"
+        if scheme.observer is not None:
+            return f"{scheme.dtype.value} inputs are quantized at run time, each block by its own absmax: remove `observer`"
+        return None
     if scheme.dtype not in (DType.int8, DType.uint8, DType.fp8_e4m3):
         return f"{scheme.dtype.value} activations are not supported; use int8 or fp8_e4m3, or null for weight-only"
     if g in (Granularity.per_channel, Granularity.per_group):
-        return f"{g.value} activations are not supported; use per_tensor (static) or per_token (dynamic)"
+        return (f"{g.value} activations are not supported; use per_tensor (static) or per_token (dynamic), or an "
+                "MX dtype (mxfp4, ...) per_group")
     if role == "output" and g is not Granularity.per_tensor:
         return "output (KV cache) quantization is static: use per_tensor"
     return None

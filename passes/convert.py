@@ -59,6 +59,14 @@ class _Editor:
                        lo_hi: tuple[torch.Tensor, torch.Tensor] | None) -> torch.fx.Node:
         x_val = x.meta.get("val")
         q = fmt.dtype.value
+        if fmt.dynamic and fmt.group_size:  # MX: one scale per block of the last axis
+            both = self.call(ops.QUANTIZE_BLOCKS, (x, q, fmt.group_size), "quantize", None)
+            codes = self.call(operator.getitem, (both, 0), "quantize", _fake_like(x_val, fmt.dtype.storage))
+            scale = self.call(operator.getitem, (both, 1), "quantize",
+                              _fake_like(x_val, torch.float32, (*x_val.shape[:-1], x_val.shape[-1] // fmt.group_size)))
+            both.meta["val"] = (codes.meta.get("val"), scale.meta.get("val"))
+            return self.call(ops.DEQUANTIZE, (codes, scale, None, q, -1, fmt.group_size, x_val.dtype),
+                             "dequantize", x_val)
         if fmt.dynamic:
             outliers = fmt.outlier_threshold > 0  # LLM.int8: its outlier columns pass in float
             both = self.call(ops.QUANTIZE_PER_TOKEN_OUTLIERS if outliers else ops.QUANTIZE_PER_TOKEN,

@@ -35,7 +35,7 @@ def _int8(q: QDType) -> bool:
 
 
 def _fp8(q: QDType) -> bool:
-    return q.is_float and q.bits == 8
+    return q.is_float and q.bits == 8 and not q.is_mx  # MXFP8's scales are per block of 32
 
 
 def _names(takes) -> tuple[str, ...]:

@@ -33,6 +33,30 @@ class CodeSpec:
     # the codes a consumer reads, ascending or not); a value x is coded as the nearest entry to
     # x * (1 / scale), a tie going to the lower entry (of equal entries, the lower code).
     table: tuple[float, ...] | None = None
+    # OCP MX formats: elements of this float format (exponent bits, mantissa bits), each block of
+    # MX_BLOCK along K sharing one power-of-two (E8M0) scale, which the block's own absmax sets
+    # (numerics.mx_scale) — for weights and, at run time, for activations.
+    mx_element: tuple[int, int] | None = None
+
+    @property
+    def mx_emax(self) -> int:
+        """The exponent of the element format's largest binade (OCP's emax): 2**(ebits - 1)."""
+        return 2 ** (self.mx_element[0] - 1)
+
+
+MX_BLOCK = 32  # elements per E8M0 scale in every OCP MX format
+
+
+def _mx_table(ebits: int, mbits: int) -> tuple[float, ...]:
+    """An MX element format's values in code order (sign bit, exponent field, mantissa field):
+    subnormals below the smallest normal exponent 2 - 2**(ebits - 1), no infinities or NaN."""
+    bias = 2 ** (ebits - 1) - 1
+    magnitudes = []
+    for field in range(2**ebits):
+        for m in range(2**mbits):
+            fraction = m / 2**mbits
+            magnitudes.append(fraction * 2.0 ** (1 - bias) if field == 0 else (1 + fraction) * 2.0 ** (field - bias))
+    return tuple(magnitudes + [-v for v in magnitudes])
 
 
 class QDType(str, enum.Enum):
@@ -51,6 +75,8 @@ class QDType(str, enum.Enum):
     fp8_e4m3fnuz = "fp8_e4m3fnuz"
     nf4 = "nf4"  # NormalFloat4 (QLoRA): 16 quantiles of a normal distribution, scaled by the block's absmax
     bnb_fp4 = "bnb_fp4"  # bitsandbytes' FP4 (its quant_type "fp4"): a 16-entry table, like nf4
+    # OCP Microscaling (MI350 / gfx950): FP4 E2M1, FP6 E2M3 / E3M2, FP8 E4M3 elements, E8M0 scales
+    mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8 = "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8"
 
     @property
     def spec(self) -> CodeSpec:
@@ -69,6 +95,11 @@ class QDType(str, enum.Enum):
     def table(self) -> torch.Tensor | None:
         """The code table as float32 (None for uniform formats)."""
         return None if self.spec.table is None else torch.tensor(self.spec.table, dtype=torch.float32)
+
+    @property
+    def is_mx(self) -> bool:
+        """An OCP MX format (CodeSpec.mx_element)."""
+        return self.spec.mx_element is not None
 
     @property
     def is_signed(self) -> bool:
@@ -124,6 +155,16 @@ CODE_SPECS = {
         0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
         -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204,
         -0.25)),
+    # MX elements with 4 and 6 bits are codes of their table (Quark's code order); MXFP8's are
+    # E4M3FN values, as fp8_e4m3fn's. No ONNX type holds them with their E8M0 block scales.
+    QDType.mxfp4: CodeSpec(4, False, -6.0, 6.0, torch.uint8, None, None, None, table=_mx_table(2, 1),
+                           mx_element=(2, 1)),
+    QDType.mxfp6_e2m3: CodeSpec(6, False, -7.5, 7.5, torch.uint8, None, None, None, table=_mx_table(2, 3),
+                                mx_element=(2, 3)),
+    QDType.mxfp6_e3m2: CodeSpec(6, False, -28.0, 28.0, torch.uint8, None, None, None, table=_mx_table(3, 2),
+                                mx_element=(3, 2)),
+    QDType.mxfp8: CodeSpec(8, True, -448.0, 448.0, torch.float8_e4m3fn, None, None, torch.float8_e4m3fn,
+                           min_exponent=-6, mx_element=(4, 3)),
 }
 
 
@@ -216,7 +257,10 @@ class TensorFormat:
 
     @property
     def dynamic(self) -> bool:
-        return self.granularity is Granularity.per_token
+        """Scales computed at run time: per_token, and per_group activations (MX blocks), which
+        have no observer."""
+        return self.granularity is Granularity.per_token or (
+            self.granularity is Granularity.per_group and self.observer is None)
 
     def describe(self) -> str:
         text = f"{self.dtype.value} {self.granularity.value}"
@@ -225,6 +269,8 @@ class TensorFormat:
         text += " sym" if self.symmetric else " asym"
         if self.observer is not None:
             text += f" {self.observer.value}"
+        elif self.granularity is Granularity.per_group:
+            text += " dynamic"
         if self.reduce_range:
             text += " 7-bit"
         if self.scale_dtype is not ScaleDType.float32:
@@ -306,11 +352,16 @@ def format_problem(fmt: LayerFormat) -> str | None:
         per_group = tf.granularity is Granularity.per_group
         if tf.group_size < 0 or per_group != (tf.group_size > 0):
             return f"{role} has group_size {tf.group_size} with granularity {tf.granularity.value}"
+        if tf.dtype.is_mx and (not per_group or tf.group_size != MX_BLOCK or not tf.symmetric):
+            return f"{role} is {tf.describe()}; MX formats are symmetric per_group with group_size {MX_BLOCK}"
         if role == "weight":
             if tf.dynamic:
-                return "weight is per_token, which is for activations"
+                return f"weight is {tf.describe()}: dynamic, which is for activations"
             if tf.dtype.bits == 4 and not per_group:
                 return f"weight is {tf.dtype.value} {tf.granularity.value}; 4-bit weights are stored per_group"
+        elif tf.dtype.is_mx:
+            if role != "input" or not tf.dynamic:
+                return f"{role} is {tf.describe()}; MX activations are dynamic inputs"
         elif tf.dtype.bits < 8 or tf.granularity in (Granularity.per_channel, Granularity.per_group):
             return f"{role} is {tf.dtype.value} {tf.granularity.value}; activations are 8-bit per_tensor or per_token"
         if tf.reduce_range and (role != "weight" or tf.dtype is not QDType.int8):

@@ -34,6 +34,8 @@ def broadcast_scale(scale: torch.Tensor, ndim: int, axis: int, group_size: int) 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              qdtype: QDType, axis: int = 0, group_size: int = 0) -> torch.Tensor:
     s = broadcast_scale(scale, x.ndim, axis, group_size)
+    if qdtype.is_mx:
+        return mx_codes(round_to_element(x.float() / s, qdtype), qdtype)
     if qdtype.table is not None:
         return nearest_entries(x.float() * (1 / s), qdtype.table).to(qdtype.storage)
     y = x.float() / s  # the one temporary; everything after works in place
@@ -82,6 +84,58 @@ def nearest_entries(normalized: torch.Tensor, table: torch.Tensor) -> torch.Tens
     return codes if torch.equal(order, torch.arange(len(table))) else order.to(torch.int32)[codes]
 
 
+def round_to_element(y: torch.Tensor, qdtype: QDType) -> torch.Tensor:
+    """float32 `y` rounded to the nearest value of an MX format's element, a tie going to the even
+    mantissa (subnormals too), beyond the largest value saturating to it, NaN kept: Quark's and the
+    OCP MX specification's rounding."""
+    ebits, mbits = qdtype.spec.mx_element
+    _, exponent = torch.frexp(y)  # y = m * 2**exponent, 0.5 <= |m| < 1
+    binade = (exponent - 1).clamp_(min=2 - 2 ** (ebits - 1))  # subnormals share the smallest normal's step
+    step = torch.ldexp(torch.ones_like(y), binade - mbits)
+    return (y / step).round_().mul_(step).clamp_(qdtype.qmin, qdtype.qmax)
+
+
+def mx_codes(values: torch.Tensor, qdtype: QDType) -> torch.Tensor:
+    """Element values (round_to_element's) as their codes: E4M3FN values for MXFP8 (a zero keeps its
+    sign, as Quark's cast keeps it); for the table formats the index of the value's magnitude in code
+    order, with the sign bit above it for negative values (a zero is +0, as Quark codes it)."""
+    if qdtype.table is None:
+        return values.to(qdtype.storage)
+    half = len(qdtype.spec.table) // 2
+    magnitudes = qdtype.table[:half]  # ascending from +0 in MX code order
+    index = torch.bucketize(values.abs(), magnitudes)
+    return (index + half * (values < 0)).to(qdtype.storage)
+
+
+def mx_scale(amax: torch.Tensor, qdtype: QDType) -> torch.Tensor:
+    """The E8M0 scale (a float32 power of two) of blocks whose absmax is `amax`, by Quark's `even`
+    rule: amax rounded to the element's mantissa width (half up, on its float32 bits), its
+    exponent less the element's emax, within E8M0's 2**-127 .. 2**127."""
+    _, mbits = qdtype.spec.mx_element
+    bits = amax.float().view(torch.int32) + (1 << (22 - mbits))
+    exponent = ((bits >> 23) & 0xFF) - 127 - qdtype.spec.mx_emax
+    return e8m0_scale(exponent.clamp_(-127, 127))
+
+
+def e8m0_scale(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0 ** exponent as float32, exactly (2**-127 is a float32 subnormal)."""
+    normal = ((exponent.clamp(min=-126) + 127).to(torch.int32) << 23).view(torch.float32)
+    return torch.where(exponent < -126, torch.full_like(normal, 2.0**-127), normal)
+
+
+def e8m0_exponent(scale: torch.Tensor) -> torch.Tensor:
+    """The exponent of a power-of-two float32 scale (e8m0_scale's inverse), as int32."""
+    _, exponent = torch.frexp(scale)
+    return exponent - 1
+
+
+def quantize_blocks(x: torch.Tensor, qdtype: QDType, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic MX quantization along the last axis: (codes, one scale per `block` elements)."""
+    amax = x.float().unflatten(-1, (-1, block)).abs().amax(dim=-1)
+    scale = mx_scale(amax, qdtype)
+    return quantize(x, scale, None, qdtype, -1, block), scale
+
+
 def double_quantize(scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """A weight's per-group scales coded as NESTED_SCALES: `codes` (uint8, scale's shape), `absmax`
     (float32, one per block of the flattened scales, the last block possibly short) and `offset`
@@ -123,6 +177,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: TensorFormat
     """Scale (fp32) and zero point (in the code's storage dtype, or None when symmetric)."""
     lo = torch.clamp(lo.float(), max=0.0)  # the range always holds 0, so 0 is exact
     hi = torch.clamp(hi.float(), min=0.0)
+    if fmt.dtype.is_mx:
+        return mx_scale(torch.maximum(-lo, hi), fmt.dtype), None
     if fmt.symmetric:
         amax = torch.maximum(-lo, hi)
         return fmt.representable_scale(torch.clamp(amax / fmt.qmax, min=MIN_SCALE)), None

@@ -47,6 +47,18 @@ def _(x, qdtype):
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@torch.library.custom_op("qfx::quantize_blocks", mutates_args=())
+def quantize_blocks(x: torch.Tensor, qdtype: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic MX quantization: codes, and one E8M0 scale per `block` elements of the last axis."""
+    return numerics.quantize_blocks(x, QDType(qdtype), block)
+
+
+@quantize_blocks.register_fake
+def _(x, qdtype, block):
+    return (torch.empty_like(x, dtype=QDType(qdtype).storage),
+            x.new_empty((*x.shape[:-1], x.shape[-1] // block), dtype=torch.float32))
+
+
 @torch.library.custom_op("qfx::quantize_per_token_outliers", mutates_args=())
 def quantize_per_token_outliers(x: torch.Tensor, qdtype: str, threshold: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,5 +93,6 @@ def _(x):
 QUANTIZE = torch.ops.qfx.quantize.default
 DEQUANTIZE = torch.ops.qfx.dequantize.default
 QUANTIZE_PER_TOKEN = torch.ops.qfx.quantize_per_token.default
+QUANTIZE_BLOCKS = torch.ops.qfx.quantize_blocks.default
 QUANTIZE_PER_TOKEN_OUTLIERS = torch.ops.qfx.quantize_per_token_outliers.default
 HADAMARD = torch.ops.qfx.hadamard.default

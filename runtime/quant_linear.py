@@ -21,6 +21,9 @@ def qdq_activation(x: torch.Tensor, fmt: TensorFormat, scale: torch.Tensor | Non
     if fmt.dynamic and fmt.outlier_threshold:  # LLM.int8: outlier columns pass in float
         codes, token_scale, outliers = ops.quantize_per_token_outliers(x, fmt.dtype.value, fmt.outlier_threshold)
         return torch.where(outliers, x, ops.dequantize(codes, token_scale, None, fmt.dtype.value, -1, 0, x.dtype))
+    if fmt.dynamic and fmt.group_size:  # MX: one scale per block of the last axis
+        codes, block_scale = ops.quantize_blocks(x, fmt.dtype.value, fmt.group_size)
+        return ops.dequantize(codes, block_scale, None, fmt.dtype.value, -1, fmt.group_size, x.dtype)
     if fmt.dynamic:
         codes, token_scale = ops.quantize_per_token(x, fmt.dtype.value)
         return ops.dequantize(codes, token_scale, None, fmt.dtype.value, -1, 0, x.dtype)

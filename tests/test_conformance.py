@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import qfx
 import qfx.runtime
 from qfx.runtime import numerics
+from qfx.runtime.formats import MX_BLOCK, Granularity, QDType, TensorFormat
 from qfx.runtime.numerics import broadcast_scale, dequantize, weight_axis
 from qfx.runtime.quant_linear import QuantLinear, forced_activations
 
@@ -62,6 +63,12 @@ SCHEMES = {
     "fp8-kv-gfx942": {"target": "gfx942", "quantization": {
         "preset": "w8a8-fp8", "exclude": ["lm_head"],
         "rules": [{"match": ["*k_proj", "*v_proj"], "output": {"dtype": "fp8_e4m3"}}]}},
+    # OCP MX weights and dynamic inputs (MI350): amd-quark dequantizes the E8M0-scaled codes and
+    # fake-quantizes each input block. MXFP8 is not here: amd-quark 0.13 cannot dequantize a
+    # real-quantized per_group fp8_e4m3 weight ("Unsupported QuantSchema"), see the README
+    "mxfp4-gfx950": {"target": "gfx950", "quantization": {"preset": "w4a4-mxfp4", "exclude": ["lm_head"]}},
+    "mxfp6-e2m3-gfx950": {"target": "gfx950", "quantization": {"preset": "w6a6-mxfp6-e2m3", "exclude": ["lm_head"]}},
+    "mxfp6-e3m2-gfx950": {"target": "gfx950", "quantization": {"preset": "w6a6-mxfp6-e3m2", "exclude": ["lm_head"]}},
 }
 
 
@@ -77,7 +84,7 @@ def quark_quantize(x, scale, zero_point, qdtype, axis=0, group_size=0):
     """qfx's quantize as amd-quark computes integer codes: x * (1 / scale), where qfx divides (as ONNX's
     QuantizeLinear does). The two round apart where x / scale lies within a float32 rounding of a
     tie, and a W8A8 model carries such a flipped code on into every later layer."""
-    if qdtype.is_float:
+    if not qdtype.is_integer:  # FP8 casts and MX's power-of-two scales: x / scale is x * (1 / scale)
         return QFX_QUANTIZE(x, scale, zero_point, qdtype, axis, group_size)
     y = (x.float() * torch.reciprocal(broadcast_scale(scale, x.ndim, axis, group_size))).round_()
     if zero_point is not None:
@@ -109,6 +116,74 @@ def test_artifact_loads_in_transformers_through_amd_quark(scheme, tmp_path, monk
     print(f"{scheme}: max relative logits difference {rel:.3g} (with qfx's own rounding of ties "
           f"{float((theirs - own).abs().max() / own.abs().max()):.3g})")
     assert rel <= 1e-3, rel
+
+
+QUARK_MX_SPECS = {QDType.mxfp4: "OCP_MXFP4Spec", QDType.mxfp6_e2m3: "OCP_MXFP6E2M3Spec",
+                  QDType.mxfp6_e3m2: "OCP_MXFP6E3M2Spec", QDType.mxfp8: "OCP_MXFP8E4M3Spec"}
+
+
+def element_values(qdtype: QDType) -> torch.Tensor:
+    """Every finite value of an MX format's element."""
+    if qdtype.table is not None:
+        return qdtype.table
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(qdtype.storage).float()
+    return every[torch.isfinite(every)]
+
+
+def mx_blocks(qdtype: QDType, seed: int, spread: float, rows: int) -> torch.Tensor:
+    """[rows + extra, K] float32 blocks of 32 that reach every corner of MX rounding: random values
+    whose blocks span 2**-40 .. 2**40 of `spread`; each midpoint between neighbouring element values
+    as an exact tie (the block's absmax the largest element, so its scale is 1, then shifted by a
+    power of two); absmaxes at, and one float32 step under, the point where Quark's `even` rule
+    carries into the next exponent; all-zero and subnormal blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 4 * MX_BLOCK
+    random = torch.randn(rows, k, generator=gen) * spread
+    random *= torch.exp2(torch.randint(-40, 41, (rows, k // MX_BLOCK), generator=gen).float()).repeat_interleave(
+        MX_BLOCK, dim=1)
+    values = torch.tensor(sorted({abs(v) for v in element_values(qdtype).tolist()}))
+    ties = (values[:-1] + values[1:]) / 2
+    tie_rows = []
+    for start in range(0, len(ties), MX_BLOCK - 1):
+        chunk = ties[start:start + MX_BLOCK - 1]
+        block = torch.cat([values[-1:], chunk, torch.zeros(MX_BLOCK - 1 - len(chunk))])
+        tie_rows.append(torch.cat([block, -block]))
+    tie_rows = torch.stack(tie_rows)
+    tie_rows = (tie_rows.repeat(1, k // tie_rows.shape[1]) * 2.0 ** torch.randint(-20, 21, (1,), generator=gen))
+    _, mbits = qdtype.spec.mx_element
+    carry = torch.tensor([(2 - 2.0 ** -(mbits + 1)) * 2.0**e for e in (-3, 0, 5, 9)])
+    below = torch.nextafter(carry, torch.zeros_like(carry))
+    edges = torch.stack([torch.cat([a.reshape(1), torch.rand(MX_BLOCK - 1, generator=gen) * a])
+                         for a in torch.cat([carry, below])]).reshape(-1, k)
+    special = torch.cat([torch.zeros(MX_BLOCK), torch.full((MX_BLOCK,), 1e-40), torch.randn(2 * MX_BLOCK, generator=gen)])
+    return torch.cat([random, tie_rows, edges, special[None]])
+
+
+@requires_quark
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16), spread=st.floats(1e-3, 1e3), rows=st.integers(1, 16))
+def test_mx_scales_and_rounding_are_quarks(seed, spread, rows, tmp_path_factory):
+    """Every MX format's E8M0 block scales equal amd-quark's (scale_calculation_mode `even`), and
+    its dequantized values are Quark's fake-quantized ones bit for bit: ties to even, saturation,
+    subnormal elements, the exponent carry, zero and subnormal blocks."""
+    tmp = tmp_path_factory.mktemp("mx")
+    send, ours = {}, {}
+    for qdtype, quark_spec in QUARK_MX_SPECS.items():
+        x = mx_blocks(qdtype, seed, spread, rows)
+        fmt = TensorFormat(qdtype, Granularity.per_group, group_size=MX_BLOCK)
+        scale, _ = numerics.weight_qparams(x, fmt)
+        ours[qdtype.value] = scale, numerics.fake_quantize(x, scale, None, qdtype, 1, MX_BLOCK)
+        send.update({f"x:{qdtype.value}": x, f"dtype:{qdtype.value}": torch.tensor(list(quark_spec.encode()),
+                                                                                  dtype=torch.uint8)})
+    save_file(send, str(tmp / "in.safetensors"))
+    run = subprocess.run([QUARK_PYTHON, str(ROOT / "tests" / "quark_mx_numerics.py"), str(tmp / "in.safetensors"),
+                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = load_file(str(tmp / "out.safetensors"))
+    for name, (scale, fake) in ours.items():
+        assert torch.equal(theirs[f"scale:{name}"], scale), name
+        assert torch.equal(theirs[f"y:{name}"], fake), name
+        assert torch.equal(theirs[f"y:{name}"].signbit(), fake.signbit()), name  # zeros are +0 in both
 
 
 GPTQ_SCHEMES = {  # name: (layout, quantization, gptq options)

@@ -32,6 +32,8 @@ class Layout(abc.ABC):
     # Whether the checkpoint can store double-quantized weight scales (their codes, block absmax
     # and offset: formats.NESTED_SCALES).
     holds_double_quant: bool = False
+    # Whether the checkpoint can store OCP MX formats (codes with E8M0 block scales).
+    holds_mx: bool = False
 
     def refusal(self, fmt: LayerFormat) -> str | None:
         """Why this layout cannot hold a layer of format `fmt`, or None: what the layout has no
@@ -39,6 +41,9 @@ class Layout(abc.ABC):
         if fmt.weight is not None and fmt.weight.double_quant and not self.holds_double_quant:
             return (f"the {self.name} layout has no place for double-quantized scales; drop double_quant or "
                     "write output.layout: bitsandbytes")
+        if not self.holds_mx and (mx := [f"{r} {tf.dtype.value}" for r, tf in fmt.tensors.items() if tf.dtype.is_mx]):
+            return (f"the {self.name} layout has no MX formats ({', '.join(mx)}); write output.layout: quark, "
+                    "which amd-quark and vLLM load")
         return self.format_problem(fmt)
 
     @abc.abstractmethod
@@ -118,6 +123,10 @@ def check_artifact_layer(layout: Layout, tensors: dict[str, torch.Tensor], fmt: 
                                 f"{list(t.shape)}, but its format and the layer's {in_features} -> {out_features} "
                                 f"features need {str(dtype).removeprefix('torch.')} {list(shape)}",
                                 hint="the checkpoint was edited or belongs to another model; rebuild the artifact")
-        if name.endswith(("_scale", "scales")) and not bool(torch.isfinite(t).all() and (t > 0).all()):
+        if name.endswith(("_scale", "scales")) and t.dtype == torch.uint8:  # E8M0 exponent bytes
+            if bool((t == 255).any()):
+                raise ArtifactError(f"tensor {where}.{name} holds the E8M0 byte 255, which is NaN, not a scale",
+                                    hint="a quantization scale divides the values; rebuild the artifact")
+        elif name.endswith(("_scale", "scales")) and not bool(torch.isfinite(t).all() and (t > 0).all()):
             raise ArtifactError(f"tensor {where}.{name} holds a scale that is not finite and positive",
                                 hint="a quantization scale divides the values; rebuild the artifact")

@@ -1,5 +1,8 @@
-"""Integer codes packed into int32 words, the way GPTQ and compressed-tensors store them."""
+"""Codes packed into int32 words, the way GPTQ and compressed-tensors store them, or into bytes,
+the way Quark stores MX codes."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,3 +48,27 @@ def unpack_dense(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     low = w[:, word] >> offset
     high = w[:, word + 1] << (32 - offset)
     return (low | high) & (2**bits - 1)
+
+
+def pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values of each row packed into uint8 as one little-endian bit stream,
+    the first value in the lowest bits (Quark's MX packing: FP4 two to a byte, element 0 in the low
+    nibble; FP6 four to three bytes). Rows hold a multiple of 8 / gcd(bits, 8) values."""
+    per_unit = 8 // math.gcd(bits, 8)  # values in the smallest whole number of bytes
+    unit_bytes = per_unit * bits // 8
+    rows, k = values.shape
+    v = values.to(torch.int64).reshape(rows, k // per_unit, per_unit)
+    unit = (v << (torch.arange(per_unit, dtype=torch.int64) * bits)).sum(dim=-1)
+    out = (unit.unsqueeze(-1) >> (torch.arange(unit_bytes, dtype=torch.int64) * 8)) & 0xFF
+    return out.reshape(rows, -1).to(torch.uint8)
+
+
+def unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_bytes`, as uint8."""
+    per_unit = 8 // math.gcd(bits, 8)
+    unit_bytes = per_unit * bits // 8
+    rows, n = packed.shape
+    b = packed.to(torch.int64).reshape(rows, n // unit_bytes, unit_bytes)
+    unit = (b << (torch.arange(unit_bytes, dtype=torch.int64) * 8)).sum(dim=-1)
+    v = (unit.unsqueeze(-1) >> (torch.arange(per_unit, dtype=torch.int64) * bits)) & (2**bits - 1)
+    return v.reshape(rows, -1).to(torch.uint8)

@@ -4,7 +4,9 @@ which transformers (with amd-quark) and vLLM (`quantization='quark'`) load.
 In the graph a layer's codes sit unpacked in their compute dtype (FNUZ on gfx942), symmetric
 formats carry no zero point, and group scales are [out, in/group]. The checkpoint follows Quark:
 FP8 as OCP e4m3fn (FNUZ codes convert exactly, scales halve), an int8 zero point beside every
-int scale, int4/uint4 packed eight to an int32 as Quark packs them.
+int scale, int4/uint4 packed eight to an int32 as Quark packs them; MX weights with their codes
+packed into bytes (FP4 two, FP6 four to three; MXFP8 as E4M3FN) and their scales as E8M0 exponent
+bytes (uint8, exponent + 127), MX inputs with nothing stored (dynamic).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from qfx.runtime import numerics
 from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, LayerQuant, ObserverKind, QDType, TensorFormat
 from qfx.runtime.layouts import Layout
+from qfx.runtime.layouts.packing import pack_bytes, unpack_bytes
 from qfx.runtime.quant_linear import PRE_QUANT_SCALE, SCALE_TRANSFORM
 
 ROLES = ("weight", "input", "output")
@@ -39,9 +42,11 @@ def layer_to_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> dic
                 out["weight"], out[scale_key] = numerics.fnuz_to_fn(out["weight"], out[scale_key])
             else:
                 out[scale_key] = out[scale_key] / 2
-        elif not tf.dtype.is_float and zp_key not in out:
+        elif tf.dtype.is_integer and zp_key not in out:
             out[zp_key] = torch.zeros_like(out[scale_key], dtype=tf.dtype.storage)
-        if role == "weight" and tf.dtype.bits == 4:
+        if tf.dtype.is_mx:  # weights only: MX inputs are dynamic
+            out["weight"], out[scale_key] = pack_mx(out["weight"], out[scale_key], tf.dtype)
+        elif role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = pack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key])
     return out
@@ -70,7 +75,11 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
         scale = {Granularity.per_tensor: (), Granularity.per_channel: (out_features,),
                  Granularity.per_group: (out_features, groups)}[w.granularity]
         code = artifact_code_dtype(w.dtype)
-        if w.dtype.bits == 4:  # Quark's transposed, packed layout
+        if w.dtype.is_mx:  # codes packed into bytes along K, E8M0 exponent bytes per block
+            stored_k = in_features if w.dtype.is_float else in_features * w.dtype.bits // 8
+            out["weight"] = (w.dtype.spec.checkpoint_dtype or torch.uint8, (out_features, stored_k))
+            out["weight_scale"] = (torch.uint8, scale)
+        elif w.dtype.bits == 4:  # Quark's transposed, packed layout
             if out_features % 8:
                 raise ArtifactError(f"{w.dtype.value} weights pack eight codes per int32 along out_features, "
                                     f"which is {out_features}")
@@ -99,7 +108,9 @@ def layer_from_artifact(tensors: dict[str, torch.Tensor], fmt: LayerFormat) -> d
     """The inverse of `layer_to_artifact`."""
     out = dict(tensors)
     for role, tf, scale_key, zp_key in _stored_tensors(fmt):
-        if role == "weight" and tf.dtype.bits == 4:
+        if tf.dtype.is_mx:
+            out["weight"], out[scale_key] = unpack_mx(out["weight"], out[scale_key], tf.dtype)
+        elif role == "weight" and tf.dtype.bits == 4:
             out["weight"], out[scale_key], out[zp_key] = unpack_quark_int4(
                 out["weight"], out[scale_key], out[zp_key], tf.dtype)
         if tf.dtype.stored_as_twin:
@@ -150,6 +161,17 @@ def unpack_quark_int4(packed, scale, zero_point, dtype: QDType):
     return codes, scale.t().contiguous(), zp
 
 
+def pack_mx(codes: torch.Tensor, scale: torch.Tensor, dtype: QDType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graph MX codes and float32 power-of-two scales -> Quark's bytes and E8M0 exponent bytes."""
+    stored = codes if dtype.is_float else pack_bytes(codes, dtype.bits)
+    return stored, (numerics.e8m0_exponent(scale) + 127).to(torch.uint8)
+
+
+def unpack_mx(stored: torch.Tensor, scale_bytes: torch.Tensor, dtype: QDType) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = stored if dtype.is_float else unpack_bytes(stored, dtype.bits)
+    return codes, numerics.e8m0_scale(scale_bytes.to(torch.int32) - 127)
+
+
 QUARK_VERSION = "0.13"
 KV_PATTERNS = ("*k_proj", "*v_proj")
 
@@ -159,9 +181,22 @@ _OBSERVER_CLS = {Granularity.per_tensor: "PerTensorMinMaxObserver",
                  Granularity.per_token: "PerChannelMinMaxObserver"}
 
 
+def quark_mx_dtype(dtype: QDType) -> str:
+    """Quark's name of an MX element: fp4 (E2M1), fp6_e2m3, fp6_e3m2, fp8_e4m3."""
+    ebits, mbits = dtype.spec.mx_element
+    return "fp4" if dtype.bits == 4 else f"fp{dtype.bits}_e{ebits}m{mbits}"
+
+
 def quark_tensor_config(fmt: TensorFormat | None, role: str) -> dict | None:
     if fmt is None:
         return None
+    if fmt.dtype.is_mx:  # vLLM and amd-quark detect MX by scale_format e8m0 and this observer
+        return {"dtype": quark_mx_dtype(fmt.dtype), "qscheme": "per_group", "ch_axis": -1,
+                "group_size": fmt.group_size, "symmetric": None, "is_dynamic": fmt.dynamic,
+                "round_method": "half_even", "scale_type": "float", "zero_point_type": None,
+                "observer_cls": "PerBlockMXObserver", "block_size": None, "enable_buffer_reuse": False,
+                "is_scale_quant": False, "mx_element_dtype": None, "scale_calculation_mode": "even",
+                "scale_format": "e8m0"}
     dynamic = fmt.dynamic
     if role == "weight":
         ch_axis = {Granularity.per_channel: 0, Granularity.per_group: -1}.get(fmt.granularity)
@@ -231,10 +266,11 @@ def quantization_config(plan: dict[str, LayerQuant], linear_paths: list[str]) ->
 
 class QuarkLayout(Layout):
     name = "quark"
+    holds_mx = True
 
     def format_problem(self, fmt: LayerFormat) -> str | None:
         for role, tf in fmt.tensors.items():
-            if tf.dtype.table is not None:  # Quark's integer and FP8 formats, not code tables
+            if tf.dtype.table is not None and not tf.dtype.is_mx:  # Quark's integer, FP8 and MX formats
                 return f"Quark has no {tf.dtype.value} ({role}); write it with output.layout: bitsandbytes"
             if tf.dtype.is_integer and tf.dtype.bits not in (4, 8):
                 return (f"Quark stores 4- and 8-bit integers, not {tf.dtype.value} ({role}); write it with "
@@ -242,7 +278,7 @@ class QuarkLayout(Layout):
         return None
 
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
-        if fmt.weight is not None and fmt.weight.dtype.bits == 4 and out_features % 8:
+        if fmt.weight is not None and fmt.weight.dtype.is_integer and fmt.weight.dtype.bits == 4 and out_features % 8:
             return (f"{fmt.weight.dtype.value} weights are packed eight to an int32 along the output axis, "
                     f"and out_features is {out_features}, not a multiple of 8")
         return None
