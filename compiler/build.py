@@ -194,6 +194,7 @@ def compile(model=None, spec=None, *, example_inputs=None, pipeline: str | None 
         plan = resolve_plan(cfg.quantization, cfg.target, linears, loaded.source, layout)
         if _wants_onnx(cfg):
             check_onnx_formats(plan, loaded.source)
+        _warn_of_consumer_gaps(layout, plan)
         if not plan:
             raise UserError(f"the spec quantizes none of the {len(linears)} linear layers of {_model_name(bundle)}",
                             hint="every layer is excluded or has all its tensors set to null; check "
@@ -430,6 +431,15 @@ def _warn_of_input_transforms(layers: dict) -> None:
             f"{len(transformed)} layers ({transformed[0]}, ...) transform their input before quantizing it "
             f"({', '.join(kinds)}): qfx.runtime and ONNX run these artifacts; Quark-format loaders (vLLM, "
             "transformers through amd-quark) do not"), stacklevel=2)
+
+
+def _warn_of_consumer_gaps(layout: Layout, plan: dict[str, LayerQuant]) -> None:
+    gaps = {path: gap for path, quant in plan.items() if (gap := layout.consumer_gap(quant.fmt))}
+    if gaps:
+        path, gap = next(iter(gaps.items()))
+        warnings.warn(QfxWarning(
+            f"{len(gaps)} layers ({path}, ...) are stored in the {layout.name} layout in a form its other loaders "
+            f"do not read ({gap}): qfx.runtime runs the artifact"), stacklevel=2)
 
 
 def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:

@@ -34,12 +34,11 @@ from qfx.passes.meta import copy_meta, get_quant, module_path
 from qfx.passes.observe import observer_name
 from qfx.passes.observers import RowSample
 from qfx.runtime.errors import PassFailure
-from qfx.runtime.formats import Granularity, TensorFormat
+from qfx.runtime.formats import TensorFormat
 from qfx.runtime.numerics import (
-    dequantize,
     fake_quantize,
+    fake_quantize_dynamic,
     qparams_from_range,
-    quantize_per_token,
     sqnr_db,
     sum_squares,
     weight_axis,
@@ -366,9 +365,8 @@ def _group_error(errors: list[float]) -> float:
 def _fake_quant_input(x, lo, hi, fmt: TensorFormat | None) -> torch.Tensor:
     if fmt is None:
         return x
-    if fmt.granularity is Granularity.per_token:
-        codes, scale = quantize_per_token(x, fmt.dtype)
-        return dequantize(codes, scale, None, fmt.dtype)
+    if fmt.dynamic:
+        return fake_quantize_dynamic(x, fmt)
     scale, zero_point = qparams_from_range(lo, hi, fmt)  # static per tensor, as a min-max observer
     return fake_quantize(x, scale, zero_point, fmt.dtype)
 

@@ -285,6 +285,19 @@ def quantize_per_token_outliers(x: torch.Tensor, qdtype: QDType, threshold: floa
     return codes.reshape(x.shape), scale.reshape(*x.shape[:-1], 1), outliers
 
 
+def fake_quantize_dynamic(x: torch.Tensor, fmt: TensorFormat) -> torch.Tensor:
+    """A dynamic activation format's dequantize(quantize(x)) in float32, as the graph's ops compute
+    it: MX blocks, per-token rows, LLM.int8's outlier columns passed through."""
+    if fmt.group_size:
+        codes, scale = quantize_blocks(x, fmt.dtype, fmt.group_size)
+        return dequantize(codes, scale, None, fmt.dtype, -1, fmt.group_size)
+    if fmt.outlier_threshold:
+        codes, scale, outliers = quantize_per_token_outliers(x, fmt.dtype, fmt.outlier_threshold)
+        return torch.where(outliers, x.float(), dequantize(codes, scale, None, fmt.dtype))
+    codes, scale = quantize_per_token(x, fmt.dtype)
+    return dequantize(codes, scale, None, fmt.dtype)
+
+
 def fn_to_fnuz(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """OCP e4m3fn codes as e4m3fnuz: same bits, value halved, so the scale doubles.
 

@@ -50,6 +50,11 @@ class Layout(abc.ABC):
     def format_problem(self, fmt: LayerFormat) -> str | None:
         """Why this layout cannot hold a layer of format `fmt` (beyond `refusal`'s checks), or None."""
 
+    def consumer_gap(self, fmt: LayerFormat) -> str | None:
+        """What of `fmt` the layout can store but its consumers do not load (qfx.runtime does), or
+        None: the build says so."""
+        return None
+
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
         """Why this layout cannot hold a layer of `fmt` with these features (its packing), or None."""
         return None

@@ -277,6 +277,12 @@ class QuarkLayout(Layout):
                         "output.layout: compressed-tensors")
         return None
 
+    def consumer_gap(self, fmt: LayerFormat) -> str | None:
+        if fmt.weight is not None and fmt.weight.dtype.is_mx and fmt.weight.dtype.is_float:
+            return (f"{fmt.weight.dtype.value} weights: amd-quark 0.13 (transformers) cannot dequantize a per_group "
+                    "fp8_e4m3 weight, and vLLM's Quark loader takes MX fp4 and fp6 only")
+        return None
+
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
         if fmt.weight is not None and fmt.weight.dtype.is_integer and fmt.weight.dtype.bits == 4 and out_features % 8:
             return (f"{fmt.weight.dtype.value} weights are packed eight to an int32 along the output axis, "
