@@ -2,9 +2,10 @@
 load a qfx artifact the way a user of transformers would, and write its logits for the given
 token ids.
 
-usage: python hf_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors [GPTQ_BACKEND]
+usage: python hf_load.py ARTIFACT_DIR IDS.safetensors OUT.safetensors [GPTQ_BACKEND | bfloat16]
 GPTQ_BACKEND (GPTQ checkpoints): the gptqmodel kernel to load with; `torch` computes in the
-model's dtype, where the default CPU kernel rounds activations to bfloat16.
+model's dtype, where the default CPU kernel rounds activations to bfloat16. `bfloat16`: load the
+model in bfloat16.
 bitsandbytes: `logits` come from its exact CPU path (dequantize, then a float matmul) and
 `fast_logits` from the bfloat16 kernel it switches to on CPUs with AVX512-BF16 (the same path
 where the CPU lacks it).
@@ -23,7 +24,9 @@ from transformers import AutoModelForCausalLM
 
 artifact, ids_path, out_path = sys.argv[1:4]
 options = {}
-if len(sys.argv) > 4:
+if len(sys.argv) > 4 and sys.argv[4] == "bfloat16":  # compressed-tensors unpacks MX weights to bfloat16 only
+    options = {"dtype": torch.bfloat16}
+elif len(sys.argv) > 4:
     from transformers import GPTQConfig
 
     config = json.load(open(f"{artifact}/config.json"))["quantization_config"]

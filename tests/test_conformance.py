@@ -290,6 +290,51 @@ def test_compressed_tensors_layout_loads_in_transformers(scheme, tmp_path):
     assert rel <= tolerance, rel
 
 
+MX_WEIGHTS = {"granularity": "per_group", "group_size": 32}
+CT_MX_SCHEMES = {  # measured: 0 (bit-identical bfloat16 logits) for each
+    "w4a4-mxfp4": {"preset": "w4a4-mxfp4"},
+    "w6a6-mxfp6-e2m3": {"preset": "w6a6-mxfp6-e2m3"},
+    "w4a16-mxfp4": {"default": {"weight": {"dtype": "mxfp4", **MX_WEIGHTS}}},
+    "w8a16-mxfp8": {"default": {"weight": {"dtype": "mxfp8", **MX_WEIGHTS}}},
+}
+
+
+def as_bfloat16_from_pretrained(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in bfloat16 as transformers' from_pretrained(dtype=bfloat16) builds it: the rotary
+    inverse frequencies stay float32."""
+    kept = {name: b.clone() for name, b in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(torch.bfloat16)
+    for name, b in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, b, persistent=False)
+    return model
+
+
+@requires_ct
+@pytest.mark.parametrize("scheme", sorted(CT_MX_SCHEMES))
+def test_compressed_tensors_mx_layout_loads_in_transformers(scheme, tmp_path):
+    """compressed-tensors 0.20 unpacks MX weights to bfloat16 whatever the model's dtype (a float32
+    model fails in its first matmul), so both sides run in bfloat16; it fake-quantizes the MX
+    inputs at run time by the same rule as qfx."""
+    spec = dict(tiny_spec(), target="gfx950", model={"factory": "qfx.examples:small_llama"},
+                calibration={"synthetic": True, "samples": 8, "seq_len": 64},
+                quantization=dict(CT_MX_SCHEMES[scheme], exclude=["lm_head"]),
+                output={"dir": str(tmp_path / "artifact"), "layout": "compressed-tensors"})
+    result = qfx.compile(spec=spec)
+    config = json.loads((result.artifact_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == {"mxfp4": "mxfp4-pack-quantized", "mxfp6": "mxfp6-pack-quantized",
+                                "mxfp8": "mxfp8-quantized"}[scheme.split("-")[1]]
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    theirs, report = consumer_logits(CT_PYTHON, result.artifact_dir, ids, tmp_path, "bfloat16")
+    assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
+                                      "error_msgs": []}, report
+    with torch.no_grad():
+        ours = as_bfloat16_from_pretrained(qfx.runtime.load(result.artifact_dir))(ids).logits.float()
+    rel = float((theirs - ours).abs().max() / ours.abs().max())
+    print(f"compressed-tensors {scheme}: max relative logits difference {rel:.3g}")
+    assert rel <= 1e-3, rel
+
+
 @requires_ct
 @pytest.mark.skipif(not TINYSTORIES.is_dir(), reason="needs ../shared/data/tinystories-llama-64d")
 def test_compressed_tensors_layout_of_a_real_model_loads(tmp_path):

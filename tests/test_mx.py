@@ -183,12 +183,36 @@ def test_mx_schemes_the_format_cannot_take_are_refused_at_their_line(tmp_path, s
     assert not (tmp_path / "artifact").exists()
 
 
-@pytest.mark.parametrize("layout", ["bitsandbytes", "compressed-tensors", "gptq"])
+@pytest.mark.parametrize("layout", ["bitsandbytes", "gptq"])
 def test_layouts_without_mx_refuse_it(tmp_path, layout):
     with pytest.raises(SpecError, match=f"the {layout} layout has no MX formats \\(weight mxfp4, input mxfp4\\); "
                                         "write output.layout: quark"):
         mx_build(tmp_path, layout, preset="w4a4-mxfp4")
     assert not (tmp_path / "artifact").exists()
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"preset": "w6a6-mxfp6-e3m2"}, "compressed-tensors' FP6 is E2M3, not mxfp6_e3m2"),
+    ({"preset": "w8a8-mxfp8"}, "computes mxfp8 input scales with FP4's mantissa width"),
+    ({"preset": "w4a4-mxfp4", "default": {"input": {"dtype": "int8", "granularity": "per_token", "group_size": None}}},
+     "compressed-tensors' MX formats quantize weights and inputs alike"),
+])
+def test_mx_compressed_tensors_cannot_hold_is_refused(tmp_path, quantization, message):
+    with pytest.raises(SpecError, match=message):
+        mx_build(tmp_path, "compressed-tensors", **quantization)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_mx_in_compressed_tensors_stores_quarks_bytes(tmp_path):
+    """The same codes and E8M0 bytes as the Quark layout, under compressed-tensors' names."""
+    quark = load_file(str(mx_build(tmp_path / "q", preset="w4a4-mxfp4", exclude=["lm_head"]).artifact_dir
+                          / "model.safetensors"))
+    ct = load_file(str(mx_build(tmp_path / "ct", "compressed-tensors", preset="w4a4-mxfp4",
+                                exclude=["lm_head"]).artifact_dir / "model.safetensors"))
+    prefix = "model.layers.0.mlp.down_proj."
+    assert {k[len(prefix):] for k in ct if k.startswith(prefix)} == {"weight_packed", "weight_scale"}
+    assert torch.equal(ct[prefix + "weight_packed"], quark[prefix + "weight"])
+    assert torch.equal(ct[prefix + "weight_scale"], quark[prefix + "weight_scale"])
 
 
 def test_mx_with_onnx_output_is_refused_before_any_work(tmp_path):

@@ -10,7 +10,11 @@ Per quantized linear (N outputs, K inputs, G groups along K), by the format of i
 - `int-quantized` (int8 weights and inputs) and `float-quantized` (FP8): `weight` in its code
   dtype (signed int8; FP8 as E4M3FN), `weight_zero_point` int8 when asymmetric;
 - every one: `weight_scale` float32 [N, G], [N, 1] per channel or [1] per tensor, and for static
-  inputs `input_scale` [1] (and `input_zero_point` int8 when asymmetric).
+  inputs `input_scale` [1] (and `input_zero_point` int8 when asymmetric);
+- `mxfp4-pack-quantized`, `mxfp6-pack-quantized` (OCP MX weights, with or without dynamic MX
+  inputs of the same format): `weight_packed` uint8, Quark's bytes (FP4 two codes a byte, the first
+  in the low nibble; FP6 four codes in three bytes); `mxfp8-quantized`: `weight` E4M3FN; each with
+  `weight_scale` uint8 [N, K/32], E8M0 exponent bytes.
 compressed-tensors' integer codes are always signed: an unsigned qfx format (uint4, uint8) is the
 same grid moved by 2**(b-1), codes and zero points alike. The config's scales are float32
 (`scale_dtype`), so a float16 or bfloat16 model reads the scales qfx built.
@@ -26,6 +30,7 @@ from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, TensorFormat
 from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 from qfx.runtime.layouts.packing import pack_dense, unpack_dense
+from qfx.runtime.layouts.quark import pack_mx, unpack_mx
 
 STRATEGY = {Granularity.per_tensor: "tensor", Granularity.per_channel: "channel", Granularity.per_group: "group",
             Granularity.per_token: "token"}
@@ -37,6 +42,8 @@ def _shift(tf: TensorFormat) -> int:
 
 
 def compression_format(fmt: LayerFormat) -> str:
+    if fmt.weight.dtype.is_mx:
+        return f"mxfp{fmt.weight.dtype.bits}-{'quantized' if fmt.weight.dtype.is_float else 'pack-quantized'}"
     if fmt.weight.dtype.is_float:
         return "float-quantized"
     return "pack-quantized" if fmt.input is None else "int-quantized"
@@ -59,11 +66,14 @@ def _graph_shaped(t: torch.Tensor, tf: TensorFormat) -> torch.Tensor:
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
     holds_input_transforms = False
+    holds_mx = True
 
     def format_problem(self, fmt: LayerFormat) -> str | None:
         w, x = fmt.weight, fmt.input
         if w is None:
             return "compressed-tensors stores quantized weights: the weight must be quantized"
+        if w.dtype.is_mx or (x is not None and x.dtype.is_mx):
+            return _mx_problem(fmt)
         if w.dtype.table is not None:
             return f"compressed-tensors has no {w.dtype.value} weights"
         if fmt.output is not None:
@@ -86,6 +96,10 @@ class CompressedTensorsLayout(Layout):
     def to_artifact(self, tensors, fmt):
         w, x = fmt.weight, fmt.input
         out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
+        if w.dtype.is_mx:
+            stored, out["weight_scale"] = pack_mx(tensors["weight"], tensors["weight_scale"], w.dtype)
+            out["weight" if w.dtype.is_float else "weight_packed"] = stored
+            return out
         codes, scale, zero = tensors["weight"], tensors["weight_scale"], tensors.get("weight_zero_point")
         if w.dtype.is_float:
             if w.dtype.stored_as_twin:  # E4M3FNUZ as its E4M3FN twin
@@ -113,6 +127,10 @@ class CompressedTensorsLayout(Layout):
     def from_artifact(self, tensors, fmt):
         w, x = fmt.weight, fmt.input
         out = {k: v for k, v in tensors.items() if not k.startswith(("weight", "input"))}
+        if w.dtype.is_mx:
+            stored = tensors["weight" if w.dtype.is_float else "weight_packed"]
+            out["weight"], out["weight_scale"] = unpack_mx(stored, tensors["weight_scale"], w.dtype)
+            return out
         scale = _graph_shaped(tensors["weight_scale"], w)
         if compression_format(fmt) == "pack-quantized":
             bits = w.dtype.bits
@@ -145,6 +163,12 @@ class CompressedTensorsLayout(Layout):
 
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
         w, x = fmt.weight, fmt.input
+        if w.dtype.is_mx:
+            stored = ("weight", w.dtype.spec.checkpoint_dtype, in_features) if w.dtype.is_float else \
+                ("weight_packed", torch.uint8, in_features * w.dtype.bits // 8)
+            return {stored[0]: (stored[1], (out_features, stored[2])),
+                    "weight_scale": (torch.uint8, (out_features, in_features // w.group_size)),
+                    **({"bias": (float_dtype, (out_features,))} if bias else {})}
         groups = in_features // w.group_size if w.group_size else 1
         scale_shape = {Granularity.per_tensor: (1,), Granularity.per_channel: (out_features, 1),
                        Granularity.per_group: (out_features, groups)}[w.granularity]
@@ -181,10 +205,33 @@ class CompressedTensorsLayout(Layout):
                 "global_compression_ratio": None, "ignore": [p for p in linear_paths if p not in plan]}
 
 
+def _mx_problem(fmt: LayerFormat) -> str | None:
+    """Why compressed-tensors 0.20 cannot hold this MX layer, or None. Its MX formats are FP4 (E2M1),
+    FP6 E2M3 and FP8 (E4M3) weights; its run-time MX input scales follow amd-quark's rule for FP4
+    and FP6 but take FP8's with FP4's mantissa width, so MXFP8 inputs would compute other scales."""
+    w, x = fmt.weight, fmt.input
+    if not w.dtype.is_mx or (x is not None and x.dtype != w.dtype):
+        return ("compressed-tensors' MX formats quantize weights and inputs alike: give both the same MX dtype, or "
+                "leave the inputs in float")
+    if w.dtype.spec.mx_element == (3, 2):
+        return f"compressed-tensors' FP6 is E2M3, not {w.dtype.value}: write output.layout: quark"
+    if x is not None and w.dtype.is_float:
+        return (f"compressed-tensors computes {x.dtype.value} input scales with FP4's mantissa width, not by the OCP "
+                "rule qfx (and amd-quark) use: quantize only the weights here, or write output.layout: quark")
+    if fmt.output is not None:
+        return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
+    return None
+
+
 def _args(tf: TensorFormat | None) -> dict | None:
     """compressed-tensors' QuantizationArgs of one tensor."""
     if tf is None:
         return None
+    if tf.dtype.is_mx:  # the E8M0 scale dtype is what tells compressed-tensors to compute MX scales
+        return {"num_bits": tf.dtype.bits, "type": "float", "symmetric": True, "group_size": tf.group_size,
+                "strategy": "group", "dynamic": tf.dynamic, "actorder": None, "block_structure": None,
+                "scale_dtype": "torch.uint8", "zp_dtype": None, "observer": None if tf.dynamic else "minmax",
+                "observer_kwargs": {}}
     return {"num_bits": tf.dtype.bits, "type": "float" if tf.dtype.is_float else "int", "symmetric": tf.symmetric,
             "group_size": tf.group_size or None, "strategy": STRATEGY[tf.granularity], "dynamic": tf.dynamic,
             "actorder": None, "block_structure": None, "scale_dtype": "torch.float32", "zp_dtype": None,
