@@ -448,8 +448,9 @@ def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:
         for role, tf in quant.fmt.tensors.items():
             if tf.dtype.is_mx:
                 raise SpecError(f"output.formats asks for onnx, and {path}'s {role} is {tf.dtype.value}, an MX format "
-                                "(E8M0 scales per block of 32), which qfx does not emit in ONNX: opset 21 has no "
-                                "FP4/FP6 type, and its block-scaled QuantizeLinear takes float scales",
+                                "(E8M0 scales per block of 32), which qfx does not emit in ONNX: ONNX has no FP6 "
+                                "type, and ONNX Runtime's CPU provider runs no FLOAT4E2M1 QDQ (1.32) or cannot load "
+                                "the type (1.22), so the model could not be verified against the safetensors",
                                 where=source.where(("output", "formats")),
                                 hint="drop onnx from output.formats (the Quark safetensors and the lowered program run "
                                      "it), or build ONNX from an int4 / int8 / fp8_e4m3 spec")
