@@ -38,6 +38,16 @@ def tiny_spec(tmp_path=None, **quantization) -> dict:
     return spec
 
 
+def mx_element_values(qdtype):
+    """Every finite element value of an MX format, ascending."""
+    import torch
+
+    if qdtype.table is not None:
+        return qdtype.table.sort().values
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(qdtype.storage).float()
+    return every[torch.isfinite(every)].sort().values
+
+
 def cpu_isa() -> str:
     """The vector unit torch's CPU kernels run on (AVX2, AVX512, ...): float GEMMs round
     differently across them, so tests that compare two runtimes print it beside their figures."""

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT, tiny_spec
+from conftest import ROOT, TINYSTORIES, TINYSTORIES_TEXT, mx_element_values, tiny_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -50,6 +50,15 @@ def consumer_logits(python, artifact, ids, tmp_path, *options):
     report["fast_logits"] = outputs.get("fast_logits")  # bitsandbytes' bfloat16 kernel
     report["inputs"] = {k[2:]: v for k, v in outputs.items() if k.startswith("a:")}  # bitsandbytes' LLM.int8
     return outputs["logits"], report
+
+
+def consumer_script(python, script: str, tensors: dict[str, torch.Tensor], tmp) -> dict[str, torch.Tensor]:
+    """What tests/`script`, run in the consumer's environment `python`, writes for `tensors`."""
+    save_file(tensors, str(tmp / "in.safetensors"))
+    run = subprocess.run([python, str(ROOT / "tests" / script), str(tmp / "in.safetensors"),
+                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(str(tmp / "out.safetensors"))
 
 
 SCHEMES = {
@@ -122,14 +131,6 @@ QUARK_MX_SPECS = {QDType.mxfp4: "OCP_MXFP4Spec", QDType.mxfp6_e2m3: "OCP_MXFP6E2
                   QDType.mxfp6_e3m2: "OCP_MXFP6E3M2Spec", QDType.mxfp8: "OCP_MXFP8E4M3Spec"}
 
 
-def element_values(qdtype: QDType) -> torch.Tensor:
-    """Every finite value of an MX format's element."""
-    if qdtype.table is not None:
-        return qdtype.table
-    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(qdtype.storage).float()
-    return every[torch.isfinite(every)]
-
-
 def mx_blocks(qdtype: QDType, seed: int, spread: float, rows: int) -> torch.Tensor:
     """[rows + extra, K] float32 blocks of 32 that reach every corner of MX rounding: random values
     whose blocks span 2**-40 .. 2**40 of `spread`; each midpoint between neighbouring element values
@@ -141,7 +142,7 @@ def mx_blocks(qdtype: QDType, seed: int, spread: float, rows: int) -> torch.Tens
     random = torch.randn(rows, k, generator=gen) * spread
     random *= torch.exp2(torch.randint(-40, 41, (rows, k // MX_BLOCK), generator=gen).float()).repeat_interleave(
         MX_BLOCK, dim=1)
-    values = torch.tensor(sorted({abs(v) for v in element_values(qdtype).tolist()}))
+    values = torch.tensor(sorted({abs(v) for v in mx_element_values(qdtype).tolist()}))
     ties = (values[:-1] + values[1:]) / 2
     tie_rows = []
     for start in range(0, len(ties), MX_BLOCK - 1):
@@ -175,11 +176,7 @@ def test_mx_scales_and_rounding_are_quarks(seed, spread, rows, tmp_path_factory)
         ours[qdtype.value] = scale, numerics.fake_quantize(x, scale, None, qdtype, 1, MX_BLOCK)
         send.update({f"x:{qdtype.value}": x, f"dtype:{qdtype.value}": torch.tensor(list(quark_spec.encode()),
                                                                                   dtype=torch.uint8)})
-    save_file(send, str(tmp / "in.safetensors"))
-    run = subprocess.run([QUARK_PYTHON, str(ROOT / "tests" / "quark_mx_numerics.py"), str(tmp / "in.safetensors"),
-                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = load_file(str(tmp / "out.safetensors"))
+    theirs = consumer_script(QUARK_PYTHON, "quark_mx_numerics.py", send, tmp)
     for name, (scale, fake) in ours.items():
         assert torch.equal(theirs[f"scale:{name}"], scale), name
         assert torch.equal(theirs[f"y:{name}"], fake), name
@@ -397,11 +394,7 @@ def test_table_numerics_are_bitsandbytes_bit_for_bit(qdtype, seed, spread, block
                      f"fp4:{i}": torch.tensor(int(qdtype == "bnb_fp4")),
                      f"packed:{i}": stored["weight"], f"absmax:{i}": stored["weight.absmax"]})
         ours[i] = stored, dequantize(codes, scale, None, QDType(qdtype), 1, blocksize)
-    save_file(send, str(tmp / "in.safetensors"))
-    run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
-                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = load_file(str(tmp / "out.safetensors"))
+    theirs = consumer_script(BNB_PYTHON, "bnb_numerics.py", send, tmp)
     for i, (stored, deq) in ours.items():
         assert torch.equal(theirs[f"packed:{i}"], stored["weight"]), i
         absmax = theirs[f"absmax:{i}"]
@@ -428,14 +421,10 @@ def test_double_quantized_nf4_is_bitsandbytes_bit_for_bit(seed, spread, rows, tm
     state = json.loads(bytes(stored["weight.quant_state.bitsandbytes__nf4"].tolist()))
     offset = torch.tensor([state["nested_offset"]], dtype=torch.float32)
     tmp = tmp_path_factory.mktemp("nf4dq")
-    save_file({"x:0": x, "blocksize:0": torch.tensor(64), "nested:0": torch.tensor(1), "fp4:0": torch.tensor(0),
-               "packed:0": stored["weight"],
-               "absmax:0": stored["weight.absmax"], "nested_absmax:0": stored["weight.nested_absmax"],
-               "offset:0": offset}, str(tmp / "in.safetensors"))
-    run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
-                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = load_file(str(tmp / "out.safetensors"))
+    theirs = consumer_script(BNB_PYTHON, "bnb_numerics.py", {
+        "x:0": x, "blocksize:0": torch.tensor(64), "nested:0": torch.tensor(1), "fp4:0": torch.tensor(0),
+        "packed:0": stored["weight"], "absmax:0": stored["weight.absmax"],
+        "nested_absmax:0": stored["weight.nested_absmax"], "offset:0": offset}, tmp)
     assert torch.equal(theirs["dynamic_map"], torch.tensor(NESTED_SCALES.table))
     assert torch.equal(theirs["packed:0"], stored["weight"])
     assert torch.equal(theirs["nested_absmax:0"], stored["weight.nested_absmax"])
@@ -506,11 +495,7 @@ def test_llm_int8_input_codes_are_bitsandbytes_bit_for_bit(seed, spread, rows, t
     x[:, torch.randint(0, 256, (3,), generator=gen)] *= 20
     x = torch.cat([x, torch.zeros(1, 256)])
     tmp = tmp_path_factory.mktemp("int8")
-    save_file({"act:0": x, "threshold:0": torch.tensor(6.0)}, str(tmp / "in.safetensors"))
-    run = subprocess.run([BNB_PYTHON, str(ROOT / "tests" / "bnb_numerics.py"), str(tmp / "in.safetensors"),
-                          str(tmp / "out.safetensors")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = load_file(str(tmp / "out.safetensors"))
+    theirs = consumer_script(BNB_PYTHON, "bnb_numerics.py", {"act:0": x, "threshold:0": torch.tensor(6.0)}, tmp)
     codes, scale, columns = numerics.quantize_per_token_outliers(x, QDType.int8, 6.0)
     assert torch.equal(codes, theirs["act_codes:0"])
     assert torch.equal(scale.reshape(-1)[:-1], theirs["act_absmax:0"][:-1] / 127)  # the zero row: scale floored

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import mx_element_values, tiny_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -31,14 +31,6 @@ def mx_build(tmp_path, layout="quark", formats=None, **quantization):
     return qfx.compile(spec=spec)
 
 
-def element_values(qdtype: QDType) -> torch.Tensor:
-    """Every finite element value of an MX format, ascending."""
-    if qdtype.table is not None:
-        return qdtype.table.sort().values
-    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(qdtype.storage).float()
-    return every[torch.isfinite(every)].sort().values
-
-
 def test_element_tables_are_the_ocp_ones():
     assert QDType.mxfp4.table[:8].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]  # E2M1, code = sign << 3 | magnitude
     assert torch.equal(QDType.mxfp4.table[8:], -QDType.mxfp4.table[:8])
@@ -54,7 +46,7 @@ def test_elements_round_to_the_nearest_value_ties_to_even_code(qdtype, seed, exp
     """Against a search of every element value: the nearest one; at a tie the one whose code is
     even (the mantissa's last bit 0); beyond the largest, the largest."""
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) * 2.0**exponent
-    values = element_values(qdtype)
+    values = mx_element_values(qdtype)
     y = x / 2.0**exponent * 2  # spans about -8 .. 8 elements; values beyond saturate
     ties = ((values[:-1] + values[1:]) / 2)[torch.randint(0, len(values) - 1, (64,),
                                                             generator=torch.Generator().manual_seed(seed))]
