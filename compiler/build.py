@@ -438,8 +438,8 @@ def _warn_of_consumer_gaps(layout: Layout, plan: dict[str, LayerQuant]) -> None:
     if gaps:
         path, gap = next(iter(gaps.items()))
         warnings.warn(QfxWarning(
-            f"{len(gaps)} layers ({path}, ...) are stored in the {layout.name} layout in a form its other loaders "
-            f"do not read ({gap}): qfx.runtime runs the artifact"), stacklevel=2)
+            f"{len(gaps)} of the quantized layers ({path}, ...) are stored in the {layout.name} layout in a form not "
+            f"every loader of it reads ({gap}); qfx.runtime runs the artifact"), stacklevel=2)
 
 
 def check_onnx_formats(plan: dict[str, LayerQuant], source) -> None:

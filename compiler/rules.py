@@ -88,7 +88,7 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
                 continue
             applied.append(f"rules[{r}] ({hit})")
             for role in rule.model_fields_set & set(ROLES):
-                fields[role] = overlay(fields[role], getattr(rule, role))
+                fields[role] = overlay(fields[role], getattr(rule, role), role)
                 origin[role] = q_loc + ("rules", r, role)
             algorithm = rule.algorithm or algorithm
         formats = {}
@@ -107,7 +107,8 @@ def resolve_plan(quantization, target: Target, layers: list[LinearInfo], source:
             if scheme.group_size and layer.in_features % scheme.group_size:
                 raise SpecError(f"group_size {scheme.group_size} does not divide in_features "
                                 f"{layer.in_features} of {layer.path}", where=where,
-                                hint="pick a group size that divides it, or exclude the layer")
+                                hint="exclude the layer (MX blocks are always 32)" if scheme.dtype.is_mx else
+                                "pick a group size that divides it, or exclude the layer")
             formats[role] = to_format(scheme, target, role)
         if formats["weight"] is not None:
             formats["weight"] = dataclasses.replace(formats["weight"], scale_dtype=layout.weight_scale_dtype)

@@ -71,7 +71,7 @@ class TensorScheme(_Model):
                                   "mse (the min-max range shrunk to the least output error of the linears that "
                                   "read it, on sampled calibration rows; elsewhere to the least quantization error "
                                   "on a histogram of the calibration data) or histogram (each end narrowed on its own, greedily, "
-                                  "as torch's HistogramObserver; per_token takes none); weights minmax (default) "
+                                  "as torch's HistogramObserver; per_token and MX inputs take none); weights minmax (default) "
                                   "or mse (each channel or group clipped to its least squared error)")
     reduce_range: bool = Field(
         default=False, description="int8 weights in 7 bits (-64..63): ONNX Runtime's fast uint8 x int8 "
@@ -107,6 +107,8 @@ class TensorScheme(_Model):
         if self.outlier_threshold is not None and (g is not Granularity.per_token or self.dtype is not DType.int8):
             raise ValueError(f"outlier_threshold keeps outlier columns of per_token int8 inputs in float; this is "
                              f"{self.dtype.value} {g.value}: use dtype int8, granularity per_token")
+        if self.double_quant and self.dtype.is_mx:
+            raise ValueError(f"{self.dtype.value} scales are E8M0 exponents, one byte each already: drop double_quant")
         if self.double_quant and g is not Granularity.per_group:
             raise ValueError(f"double_quant codes the scales of per_group weights; {g.value} has no groups of "
                              "scales to code: use per_group, or drop double_quant")
@@ -185,19 +187,19 @@ class Quantization(_Model):
             base.update(PRESETS[self.preset])
         if self.default is not None:
             for role in self.default.model_fields_set & set(ROLES):
-                base[role] = overlay(base[role], getattr(self.default, role))
+                base[role] = overlay(base[role], getattr(self.default, role), role)
         return base
 
 
 ROLES = ("weight", "input", "output")
 
 
-def overlay(base: dict | None, patch: "TensorPatch | None") -> dict | None:
+def overlay(base: dict | None, patch: "TensorPatch | None", role: str) -> dict | None:
     """A rule or default's fields over a scheme; `None` (null in YAML) switches the tensor off.
 
     A patch that changes the granularity drops the inherited fields the new granularity does
     not take (a preset's group_size under `granularity: per_channel`, its observer under
-    per_token): the user cannot unset an inherited field, so keeping it would make the rule
+    per_token or MX inputs): the user cannot unset an inherited field, so keeping it would make the rule
     unwritable. A field the patch itself sets is kept, and the scheme check still judges it."""
     if patch is None:
         return None
@@ -206,19 +208,22 @@ def overlay(base: dict | None, patch: "TensorPatch | None") -> dict | None:
     if fields.get("granularity") is not None:
         granularity = Granularity(fields["granularity"])
         for name in set(merged) - set(fields):
-            if not takes_field(granularity, name):
+            if not takes_field(granularity, name, role):
                 del merged[name]
     return merged
 
 
-def takes_field(granularity: Granularity, name: str) -> bool:
-    """Whether a scheme of `granularity` may set `name` (as TensorScheme._consistent checks)."""
-    if name in ("group_size", "double_quant"):
+def takes_field(granularity: Granularity, name: str, role: str) -> bool:
+    """Whether a `role` tensor's scheme of `granularity` may set `name` (as TensorScheme._consistent
+    and role_problem check)."""
+    if name == "double_quant":
+        return granularity is Granularity.per_group and role == "weight"
+    if name == "group_size":
         return granularity is Granularity.per_group
     if name == "outlier_threshold":
         return granularity is Granularity.per_token
-    if name == "observer":
-        return granularity is not Granularity.per_token
+    if name == "observer":  # dynamic activations (per_token, MX per_group inputs) have none
+        return granularity is not Granularity.per_token and (role == "weight" or granularity is not Granularity.per_group)
     return True
 
 

@@ -2,7 +2,8 @@
 
 After it the graph is a QDQ graph: each quantized linear reads integer (or fp8) weight codes
 through `qfx::dequantize`, and each quantized activation passes through `qfx::quantize` ->
-`qfx::dequantize` (or `qfx::quantize_per_token` when dynamic). Codes and qparams are
+`qfx::dequantize` (when dynamic, `qfx::quantize_per_token` per row, `qfx::quantize_per_token_outliers`
+for LLM.int8, `qfx::quantize_blocks` per MX block). Codes and qparams are
 buffers on the linear's own module, named as in the artifact: weight, weight_scale,
 weight_zero_point, input_scale, input_zero_point, output_scale, output_zero_point; with double
 quantization also weight_scale_codes, weight_scale_absmax and weight_scale_offset, the coded form

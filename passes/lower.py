@@ -73,6 +73,8 @@ def _quantized_input(dq: torch.fx.Node, inputs: dict, op: str) -> tuple | str:
         if qdtype not in inputs["per token"]:
             return f"its input is quantized per token to {qdtype}; the {op} op takes {_takes(inputs, 'per token')}"
         return x, None, None, qdtype
+    if _is(source, operator.getitem) and _is(source.args[0], ops.QUANTIZE_BLOCKS):
+        return f"its input is quantized in MX blocks; the {op} op takes one scale per tensor or token"
     return "its input is not quantized by a qfx quantize op"
 
 

@@ -196,7 +196,8 @@ NESTED_SCALES = NestedScales(block=256, table=_dynamic_map())
 class Granularity(str, enum.Enum):
     per_tensor = "per_tensor"
     per_channel = "per_channel"  # weights: one scale per output row
-    per_group = "per_group"  # weights: groups of `group_size` along the input (K) axis
+    # weights: groups of `group_size` along the input (K) axis; MX inputs: dynamic blocks of the last axis
+    per_group = "per_group"
     per_token = "per_token"  # activations: dynamic, one scale per row, no observer
 
 

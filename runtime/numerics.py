@@ -37,7 +37,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     if qdtype.is_mx:
         return mx_codes(round_to_element(x.float() / s, qdtype), qdtype)
     if qdtype.table is not None:
-        return nearest_entries(x.float() * (1 / s), qdtype.table).to(qdtype.storage)
+        return nearest_entries(x.float() * (1 / s), qdtype.table.to(x.device)).to(qdtype.storage)
     y = x.float() / s  # the one temporary; everything after works in place
     if qdtype.is_float:
         return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
@@ -52,7 +52,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     s = broadcast_scale(scale, codes.ndim, axis, group_size)
     if qdtype.table is not None:
-        return (qdtype.table[codes.long()] * s).to(out_dtype)
+        return (qdtype.table.to(codes.device)[codes.long()] * s).to(out_dtype)
     y = codes.to(torch.float32, copy=True)  # the one temporary; everything after works in place
     if zero_point is not None:
         y.sub_(broadcast_scale(zero_point, codes.ndim, axis, group_size).float())
@@ -81,7 +81,7 @@ def nearest_entries(normalized: torch.Tensor, table: torch.Tensor) -> torch.Tens
     midpoints = (ascending[:-1] + ascending[1:]) / 2
     clamped = normalized.clamp_(float(ascending[0]), float(ascending[-1]))
     codes = torch.bucketize(clamped, midpoints, out_int32=True)
-    return codes if torch.equal(order, torch.arange(len(table))) else order.to(torch.int32)[codes]
+    return codes if torch.equal(order.cpu(), torch.arange(len(table))) else order.to(torch.int32)[codes]
 
 
 def round_to_element(y: torch.Tensor, qdtype: QDType) -> torch.Tensor:
@@ -98,11 +98,12 @@ def round_to_element(y: torch.Tensor, qdtype: QDType) -> torch.Tensor:
 def mx_codes(values: torch.Tensor, qdtype: QDType) -> torch.Tensor:
     """Element values (round_to_element's) as their codes: E4M3FN values for MXFP8 (a zero keeps its
     sign, as Quark's cast keeps it); for the table formats the index of the value's magnitude in code
-    order, with the sign bit above it for negative values (a zero is +0, as Quark codes it)."""
+    order, with the sign bit above it for negative values (a zero is +0, as Quark codes it). FP4 and
+    FP6 have no NaN: a NaN takes code 2**(bits - 1), -0."""
     if qdtype.table is None:
         return values.to(qdtype.storage)
     half = len(qdtype.spec.table) // 2
-    magnitudes = qdtype.table[:half]  # ascending from +0 in MX code order
+    magnitudes = qdtype.table[:half].to(values.device)  # ascending from +0 in MX code order
     index = torch.bucketize(values.abs(), magnitudes)
     return (index + half * (values < 0)).to(qdtype.storage)
 

@@ -76,6 +76,8 @@ SCHEMES = {
     # fake-quantizes each input block. MXFP8 is not here: amd-quark 0.13 cannot dequantize a
     # real-quantized per_group fp8_e4m3 weight ("Unsupported QuantSchema"), see the README
     "mxfp4-gfx950": {"target": "gfx950", "quantization": {"preset": "w4a4-mxfp4", "exclude": ["lm_head"]}},
+    "mxfp4-weights-gfx950": {"target": "gfx950", "quantization": {"exclude": ["lm_head"], "default": {
+        "weight": {"dtype": "mxfp4", "granularity": "per_group", "group_size": 32}}}},
     "mxfp6-e2m3-gfx950": {"target": "gfx950", "quantization": {"preset": "w6a6-mxfp6-e2m3", "exclude": ["lm_head"]}},
     "mxfp6-e3m2-gfx950": {"target": "gfx950", "quantization": {"preset": "w6a6-mxfp6-e3m2", "exclude": ["lm_head"]}},
 }

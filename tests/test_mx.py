@@ -240,3 +240,33 @@ def test_mxfp8_warns_that_only_qfx_runtime_loads_it(tmp_path):
 
     with pytest.warns(QfxWarning, match="amd-quark 0.13 \\(transformers\\) cannot dequantize a per_group fp8_e4m3"):
         mx_build(tmp_path, preset="w8a8-mxfp8", exclude=["lm_head"])
+
+
+def test_mx_inputs_over_a_static_preset_drop_its_observer(tmp_path):
+    """The preset's input observer belongs to its static inputs; MX inputs are dynamic and take
+    none, so overriding the dtype does not ask the user to unset a field they never wrote."""
+    mx_input = {"dtype": "mxfp4", "granularity": "per_group", "group_size": MX_BLOCK}
+    result = mx_build(tmp_path, preset="w8a8-int8", default={"input": mx_input}, exclude=["lm_head"])
+    layer = result.manifest["layers"]["model.layers.0.mlp.down_proj"]["format"]
+    assert layer["input"]["observer"] is None and layer["input"]["dtype"] == "mxfp4"
+
+
+@pytest.mark.parametrize("scheme, message", [
+    ({"weight": {"dtype": "mxfp4", "granularity": "per_group", "group_size": 32, "double_quant": True}},
+     "mxfp4 scales are E8M0 exponents, one byte each already: drop double_quant"),
+    ({"input": {"dtype": "mxfp6_e2m3", "granularity": "per_group", "group_size": 32, "double_quant": True}},
+     "default.input: mxfp6_e2m3 scales are E8M0 exponents"),
+])
+def test_double_quantized_mx_scales_are_refused(tmp_path, scheme, message):
+    with pytest.raises(SpecError, match=message):
+        mx_build(tmp_path, default=scheme)
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_mx_layers_vllm_does_not_run_are_named_at_build(tmp_path):
+    from qfx.runtime.errors import QfxWarning
+
+    with pytest.warns(QfxWarning, match="weight mxfp4, input float: vLLM's Quark loader runs MX only where weight "
+                                        "and input are both MX fp4 / fp6"):
+        mx_build(tmp_path, default={"weight": {"dtype": "mxfp4", "granularity": "per_group", "group_size": 32}},
+                 exclude=["lm_head"])

@@ -88,8 +88,8 @@ ALGORITHMS = {"smoothquant": [{"smoothquant": {"alpha": "auto"}}],
     # and +-1/192 add little beside 0)
     ("bnb_fp4-g64", {"default": {"weight": {**NF4_G64["default"]["weight"], "dtype": "bnb_fp4"}}}, "cpu", 31.0),
     # OCP MX (Quark layout): weights and inputs in blocks of 32 with E8M0 scales. MXFP4 weights
-    # and inputs: +65.75% (this 64-wide model's inputs have too few values per block to hide
-    # their outliers); MXFP4 weights only: +16.69% (int4 g64 +25.39%)
+    # and inputs: +65.75% (4-bit inputs; W8A8 int8 per tensor is +3.16%); MXFP4 weights only:
+    # +16.69% (int4 g64 +25.39%)
     ("mxfp4-w4a4", {"preset": "w4a4-mxfp4"}, "gfx950", 70.0),
     # SmoothQuant's alpha searched against the MX inputs: +48.72% (rotation does not help here)
     ("mxfp4-w4a4-smoothquant", {"preset": "w4a4-mxfp4"}, "gfx950", 52.0),

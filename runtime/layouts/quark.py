@@ -278,9 +278,16 @@ class QuarkLayout(Layout):
         return None
 
     def consumer_gap(self, fmt: LayerFormat) -> str | None:
-        if fmt.weight is not None and fmt.weight.dtype.is_mx and fmt.weight.dtype.is_float:
-            return (f"{fmt.weight.dtype.value} weights: amd-quark 0.13 (transformers) cannot dequantize a per_group "
+        w, x = fmt.weight, fmt.input
+        if w is not None and w.dtype.is_mx and w.dtype.is_float:
+            return (f"{w.dtype.value} weights: amd-quark 0.13 (transformers) cannot dequantize a per_group "
                     "fp8_e4m3 weight, and vLLM's Quark loader takes MX fp4 and fp6 only")
+        mx = [tf for tf in (w, x) if tf is not None and tf.dtype.is_mx]
+        if mx and not (len(mx) == 2 and not x.dtype.is_float):
+            described = ", ".join(f"{role} {'float' if tf is None else tf.dtype.value}"
+                                  for role, tf in (("weight", w), ("input", x)))
+            return (f"{described}: vLLM's Quark loader runs MX only where weight and input are both MX fp4 / fp6 "
+                    "(amd-quark loads such layers)")
         return None
 
     def shape_problem(self, fmt: LayerFormat, in_features: int, out_features: int) -> str | None:
