@@ -283,10 +283,13 @@ def test_tinystories_program_gives_the_qdq_graphs_logits(name, quantization, sto
     """The lowered program (model.pt2, loaded back) against the QDQ graph on two 256-token windows.
 
     The w8a8 op sums exactly; the QDQ graph sums in float32, which flips a few codes of later
-    quantizers, and each flip moves the layers after it. So the exact statement is against the QDQ
-    graph run with float64 sums (measured on AVX2: 1.3e-7 static, 1.8e-7 per token, 6.2e-7 w4a16),
-    and against the float32 QDQ graph the bound is the flips' (AVX2: 1.05e-3 static, 8.7e-4 per
-    token). The w4a16 and fp8 ops compute the QDQ graph's own arithmetic on CPU: against it, 0."""
+    quantizers, and each flip moves the layers after it. So the close statement is against the QDQ
+    graph run with float64 sums (measured on AVX2: 1.3e-7 static, 1.8e-7 per token, 6.2e-7 w4a16;
+    on AVX-512 VNNI + AMX: 1.3e-7 static, 5.8e-7 w4a16, and 3.9e-4 per token, where the op's float32
+    scaling of its exact sums, one rounding from the float64 graph's, still flips one near-tie
+    per-token code that later layers carry), and against the float32 QDQ graph the bound is the
+    flips' (AVX2: 1.05e-3 static, 8.7e-4 per token; AMX: 3.5e-3, 1.0e-3). The w4a16 and fp8 ops
+    compute the QDQ graph's own arithmetic on CPU: against it, 0."""
     spec = {"version": 1, "model": {"path": str(TINYSTORIES)}, "target": "cpu",
             "calibration": {"text": str(TINYSTORIES_TEXT), "samples": 16, "seq_len": 128},
             "quantization": {**quantization, "exclude": ["lm_head"]},
@@ -301,6 +304,6 @@ def test_tinystories_program_gives_the_qdq_graphs_logits(name, quantization, sto
     error, exact_error = relative_error(qdq, got), relative_error(exact, got)
     print(f"{name} on {cpu_isa()}: program vs QDQ {error:.2e}, vs QDQ with float64 sums {exact_error:.2e}")
     if name.startswith("w8a8-int8"):
-        assert exact_error <= 1e-5 and error <= 5e-3
+        assert exact_error <= (1e-3 if "per-token" in name else 1e-5) and error <= 5e-3
     else:
         assert error <= 1e-5
