@@ -9,6 +9,7 @@ out-of-range values into NaN for e4m3fnuz.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     if qdtype.is_mx:
         return mx_codes(round_to_element(x.float() / s, qdtype), qdtype)
     if qdtype.table is not None:
-        return nearest_entries(x.float() * (1 / s), qdtype.table.to(x.device)).to(qdtype.storage)
+        return nearest_entries(x.float() * (1 / s), code_table(qdtype, x.device)).to(qdtype.storage)
     y = x.float() / s  # the one temporary; everything after works in place
     if qdtype.is_float:
         return y.clamp_(-qdtype.qmax, qdtype.qmax).to(qdtype.storage)
@@ -52,7 +53,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     s = broadcast_scale(scale, codes.ndim, axis, group_size)
     if qdtype.table is not None:
-        return (qdtype.table.to(codes.device)[codes.long()] * s).to(out_dtype)
+        return (code_table(qdtype, codes.device)[codes.long()] * s).to(out_dtype)
     y = codes.to(torch.float32, copy=True)  # the one temporary; everything after works in place
     if zero_point is not None:
         y.sub_(broadcast_scale(zero_point, codes.ndim, axis, group_size).float())
@@ -84,6 +85,13 @@ def nearest_entries(normalized: torch.Tensor, table: torch.Tensor) -> torch.Tens
     return codes if torch.equal(order.cpu(), torch.arange(len(table))) else order.to(torch.int32)[codes]
 
 
+@functools.lru_cache(maxsize=None)
+def code_table(qdtype: QDType, device: torch.device) -> torch.Tensor:
+    """qdtype's code table (float32) on `device`, built once: dynamic MX inputs read it on every call.
+    Callers must not modify it."""
+    return qdtype.table.to(device)
+
+
 def round_to_element(y: torch.Tensor, qdtype: QDType) -> torch.Tensor:
     """float32 `y` rounded to the nearest value of an MX format's element, a tie going to the even
     mantissa (subnormals too), beyond the largest value saturating to it, NaN kept: Quark's and the
@@ -103,7 +111,7 @@ def mx_codes(values: torch.Tensor, qdtype: QDType) -> torch.Tensor:
     if qdtype.table is None:
         return values.to(qdtype.storage)
     half = len(qdtype.spec.table) // 2
-    magnitudes = qdtype.table[:half].to(values.device)  # ascending from +0 in MX code order
+    magnitudes = code_table(qdtype, values.device)[:half]  # ascending from +0 in MX code order
     index = torch.bucketize(values.abs(), magnitudes)
     return (index + half * (values < 0)).to(qdtype.storage)
 

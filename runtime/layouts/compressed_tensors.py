@@ -30,7 +30,7 @@ from qfx.runtime.errors import ArtifactError
 from qfx.runtime.formats import Granularity, LayerFormat, TensorFormat
 from qfx.runtime.layouts import NOT_ONE_BUILD, Layout
 from qfx.runtime.layouts.packing import pack_dense, unpack_dense
-from qfx.runtime.layouts.quark import pack_mx, unpack_mx
+from qfx.runtime.layouts.quark import mx_stored, pack_mx, unpack_mx
 
 STRATEGY = {Granularity.per_tensor: "tensor", Granularity.per_channel: "channel", Granularity.per_group: "group",
             Granularity.per_token: "token"}
@@ -72,12 +72,12 @@ class CompressedTensorsLayout(Layout):
         w, x = fmt.weight, fmt.input
         if w is None:
             return "compressed-tensors stores quantized weights: the weight must be quantized"
+        if fmt.output is not None:
+            return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
         if w.dtype.is_mx or (x is not None and x.dtype.is_mx):
             return _mx_problem(fmt)
         if w.dtype.table is not None:
             return f"compressed-tensors has no {w.dtype.value} weights"
-        if fmt.output is not None:
-            return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
         if w.reduce_range:
             return "compressed-tensors has no 7-bit (reduce_range) int8 weights"
         if x is not None and x.dtype.is_float != w.dtype.is_float:
@@ -164,9 +164,7 @@ class CompressedTensorsLayout(Layout):
     def expected(self, fmt, in_features, out_features, bias, float_dtype, transforms=()):
         w, x = fmt.weight, fmt.input
         if w.dtype.is_mx:
-            stored = ("weight", w.dtype.spec.checkpoint_dtype, in_features) if w.dtype.is_float else \
-                ("weight_packed", torch.uint8, in_features * w.dtype.bits // 8)
-            return {stored[0]: (stored[1], (out_features, stored[2])),
+            return {"weight" if w.dtype.is_float else "weight_packed": mx_stored(w.dtype, in_features, out_features),
                     "weight_scale": (torch.uint8, (out_features, in_features // w.group_size)),
                     **({"bias": (float_dtype, (out_features,))} if bias else {})}
         groups = in_features // w.group_size if w.group_size else 1
@@ -218,8 +216,6 @@ def _mx_problem(fmt: LayerFormat) -> str | None:
     if x is not None and w.dtype.is_float:
         return (f"compressed-tensors computes {x.dtype.value} input scales with FP4's mantissa width, not by the OCP "
                 "rule qfx (and amd-quark) use: quantize only the weights here, or write output.layout: quark")
-    if fmt.output is not None:
-        return "the KV cache (output quantization) is not written to compressed-tensors' kv_cache_scheme yet"
     return None
 
 

@@ -76,8 +76,7 @@ def expected_artifact_layer(fmt: LayerFormat, in_features: int, out_features: in
                  Granularity.per_group: (out_features, groups)}[w.granularity]
         code = artifact_code_dtype(w.dtype)
         if w.dtype.is_mx:  # codes packed into bytes along K, E8M0 exponent bytes per block
-            stored_k = in_features if w.dtype.is_float else in_features * w.dtype.bits // 8
-            out["weight"] = (w.dtype.spec.checkpoint_dtype or torch.uint8, (out_features, stored_k))
+            out["weight"] = mx_stored(w.dtype, in_features, out_features)
             out["weight_scale"] = (torch.uint8, scale)
         elif w.dtype.bits == 4:  # Quark's transposed, packed layout
             if out_features % 8:
@@ -165,6 +164,13 @@ def pack_mx(codes: torch.Tensor, scale: torch.Tensor, dtype: QDType) -> tuple[to
     """Graph MX codes and float32 power-of-two scales -> Quark's bytes and E8M0 exponent bytes."""
     stored = codes if dtype.is_float else pack_bytes(codes, dtype.bits)
     return stored, (numerics.e8m0_exponent(scale) + 127).to(torch.uint8)
+
+
+def mx_stored(dtype: QDType, in_features: int, out_features: int) -> tuple[torch.dtype, tuple[int, int]]:
+    """(dtype, shape) of the stored MX codes `pack_mx` writes: MXFP8 as E4M3FN, others as bytes."""
+    if dtype.is_float:
+        return dtype.spec.checkpoint_dtype, (out_features, in_features)
+    return torch.uint8, (out_features, in_features * dtype.bits // 8)
 
 
 def unpack_mx(stored: torch.Tensor, scale_bytes: torch.Tensor, dtype: QDType) -> tuple[torch.Tensor, torch.Tensor]:
